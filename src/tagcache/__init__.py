@@ -1,0 +1,44 @@
+"""tagcache: async caching with O(1), race-free tag invalidation.
+
+Quick start::
+
+    from tagcache import Cache
+
+    async with Cache.from_url("redis://127.0.0.1:6379/0", namespace="app") as cache:
+        await cache.set("user:1", {"name": "Ada"}, ttl=600, tags=["users", "user:1"])
+        await cache.get("user:1")
+        await cache.invalidate_tags(["user:1"])
+"""
+
+from tagcache.cache import Cache, EntryView
+from tagcache.codec import Codec, JsonCodec, PickleCodec
+from tagcache.exceptions import (
+    BackendError,
+    ConfigurationError,
+    InvalidKeyError,
+    InvalidTagError,
+    InvalidTTLError,
+    SerializationError,
+    TagCacheError,
+    ValueTooLargeError,
+)
+from tagcache.stats import CacheStats
+
+__all__ = [
+    "BackendError",
+    "Cache",
+    "CacheStats",
+    "Codec",
+    "ConfigurationError",
+    "EntryView",
+    "InvalidKeyError",
+    "InvalidTTLError",
+    "InvalidTagError",
+    "JsonCodec",
+    "PickleCodec",
+    "SerializationError",
+    "TagCacheError",
+    "ValueTooLargeError",
+]
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,25 @@
+"""Storage backends: the :class:`Backend` protocol and its implementations.
+
+``RedisBackend`` needs redis-py (``pip install 'tagcache[redis]'``); it is
+imported on first access, so this package imports without redis installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tagcache.backends.base import Backend, BackendInfo, EntryInfo, Lookup
+from tagcache.backends.memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from tagcache.backends.redis import RedisBackend
+
+__all__ = ["Backend", "BackendInfo", "EntryInfo", "Lookup", "MemoryBackend", "RedisBackend"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisBackend":
+        from tagcache.backends.redis import RedisBackend
+
+        return RedisBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,143 @@
+"""The :class:`Backend` protocol: the small storage interface under :class:`tagcache.Cache`.
+
+A backend stores opaque payloads (``bytes``, already encoded by the cache's
+codec) and implements the tag index described in ``docs/design.md``:
+
+* every tag has a random **version token**; an entry stores the token each of
+  its tags had when its value was read from the source;
+* a read returns the payload only if every stored token still equals the tag's
+  current token (a missing token is a mismatch, so eviction can only cause a
+  miss, never a false hit);
+* invalidating a tag replaces or removes its token: O(1) in the number of
+  entries that carry it;
+* a fill after a miss is a compare-and-set against the token snapshot taken at
+  miss time, guarded by a per-key **lease**.
+
+Every key a backend writes has a TTL, except an entry written with
+``ttl=None`` and the tokens of its tags, which persist until invalidated,
+deleted or evicted.
+
+All methods take the cache's ``ns`` (namespace) first, so one backend (one
+connection pool) can serve several caches. Keys and tags arrive already
+validated (:mod:`tagcache.tags`); TTLs arrive as positive seconds or ``None``.
+Backends raise :class:`tagcache.BackendError` for storage failures, chaining
+the original exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Backend", "BackendInfo", "EntryInfo", "Lookup"]
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The result of :meth:`Backend.fetch`.
+
+    On a hit, ``payload`` is set and the other fields are empty. On a miss,
+    ``payload`` is ``None``, ``tokens`` holds the current token of each
+    requested tag (in the order requested; created when missing) and
+    ``lease`` is this caller's lease on the key, or ``None`` when another
+    caller holds it.
+    """
+
+    payload: bytes | None
+    tokens: tuple[str, ...] = ()
+    lease: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """What :meth:`Backend.peek` reports about a stored entry."""
+
+    payload: bytes
+    #: Seconds until the entry expires, ``None`` if it has no expiry.
+    ttl: float | None
+    #: The tags the entry carries.
+    tags: tuple[str, ...]
+    #: ``True`` when every tag token still matches, i.e. a ``get`` would hit.
+    valid: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """Figures a backend knows about itself; ``None`` where it does not know."""
+
+    #: Keys the backend holds (for Redis: the whole database, all namespaces).
+    keys: int | None = None
+    #: Bytes of memory used by stored data.
+    memory_bytes: int | None = None
+    #: Entries evicted to stay within memory limits.
+    evictions: int | None = None
+    #: Backend-specific figures.
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Storage for :class:`tagcache.Cache`. Implement this to add a backend.
+
+    Implementations must behave exactly like :class:`tagcache.backends.MemoryBackend`;
+    ``tests/test_contract.py`` is the executable definition of that behaviour.
+    """
+
+    async def get(self, ns: str, key: str) -> bytes | None:
+        """Return the payload of ``key`` if present and all its tag tokens match, else ``None``."""
+
+    async def fetch(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
+        """Read ``key``; on a miss, snapshot the tokens of ``tags`` and try to take the fill lease.
+
+        Missing tokens are created (with a TTL of at least ``lease_ttl``). The
+        lease, if granted, expires after ``lease_ttl`` seconds.
+        """
+
+    async def set(
+        self, ns: str, key: str, payload: bytes, ttl: float | None, tags: Sequence[str]
+    ) -> None:
+        """Store ``payload`` unconditionally, stamped with the current tokens of ``tags``.
+
+        Clears any lease on ``key``, so an in-flight fill of an older value fails.
+        """
+
+    async def fill(
+        self,
+        ns: str,
+        key: str,
+        payload: bytes,
+        ttl: float | None,
+        tags: Sequence[str],
+        tokens: Sequence[str],
+        lease: str,
+    ) -> bool:
+        """Compare-and-set after a miss: store only if ``lease`` is still this caller's
+        and every tag's current token equals ``tokens``. Releases the lease either way.
+
+        Returns ``True`` if the payload was stored.
+        """
+
+    async def release(self, ns: str, key: str, lease: str) -> None:
+        """Give up ``lease`` on ``key`` without writing (the loader failed or was cancelled)."""
+
+    async def delete(self, ns: str, key: str) -> bool:
+        """Remove ``key`` and its lease. Returns ``True`` if an entry was stored."""
+
+    async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
+        """Invalidate every entry carrying any of ``tags`` (replace or drop their tokens)."""
+
+    async def clear(self, ns: str) -> int:
+        """Remove every key of namespace ``ns`` (entries, tokens, leases); return entries removed."""
+
+    async def keys(self, ns: str, pattern: str, limit: int | None) -> list[str]:
+        """Return up to ``limit`` stored keys of ``ns`` matching the Redis glob ``pattern``."""
+
+    async def peek(self, ns: str, key: str) -> EntryInfo | None:
+        """Return the stored entry with its TTL, tags and validity, or ``None``."""
+
+    async def info(self) -> BackendInfo:
+        """Return what the backend knows about its size and evictions."""
+
+    async def aclose(self) -> None:
+        """Release connections and other resources. Safe to call twice."""

@@ -1,0 +1,58 @@
+"""The tagcache error tree.
+
+Every error tagcache raises on purpose derives from :class:`TagCacheError`.
+Errors raised by a third-party client (redis-py) are translated where they
+enter tagcache into :class:`BackendError`, with the original chained as
+``__cause__``. Bad arguments additionally derive from the matching built-in
+(:class:`ValueError` or :class:`TypeError`) so ``except ValueError`` keeps
+working for code that does not know about tagcache.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConfigurationError",
+    "InvalidKeyError",
+    "InvalidTagError",
+    "InvalidTTLError",
+    "SerializationError",
+    "TagCacheError",
+    "ValueTooLargeError",
+]
+
+
+class TagCacheError(Exception):
+    """Base class of every error tagcache raises."""
+
+
+class ConfigurationError(TagCacheError, ValueError):
+    """A setting is invalid: an unknown URL scheme, a negative limit, a bad namespace."""
+
+
+class InvalidKeyError(TagCacheError, ValueError):
+    """A cache key is empty, too long, not a ``str`` or contains control characters."""
+
+
+class InvalidTagError(TagCacheError, ValueError):
+    """A tag is empty, too long, not a ``str``, contains control characters,
+    or tags were passed as a bare string instead of a list."""
+
+
+class InvalidTTLError(TagCacheError, ValueError):
+    """A TTL is negative, NaN, infinite or of an unsupported type."""
+
+
+class SerializationError(TagCacheError):
+    """A value could not be encoded (on write) or decoded (on read)."""
+
+
+class ValueTooLargeError(TagCacheError, ValueError):
+    """An encoded value is larger than the cache's ``max_value_size``."""
+
+
+class BackendError(TagCacheError):
+    """The storage backend failed (connection refused, timeout, server error).
+
+    The backend's own exception is chained as ``__cause__``.
+    """
