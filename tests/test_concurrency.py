@@ -16,12 +16,13 @@ import pytest
 
 from tagcache import Cache
 from tagcache.backends import Backend
+
 from tests.conftest import unique_namespace
 
-ITEMS = 5
+ITEMS = 8
 READERS = 40
 READS_PER_READER = 60
-WRITES = 120
+WRITES = 80
 
 
 @pytest.mark.slow
@@ -74,6 +75,6 @@ async def test_no_stale_reads(make_backend: Callable[..., Backend], processes: i
     hits = sum(s.hits for s in stats)
     assert stale == [], f"{len(stale)} stale reads of {total_reads}: {stale[:5]}"
     # The test must exercise the cache: many reads served from it, many loads.
-    assert hits > total_reads // 4, hits
+    assert hits > total_reads // 10, hits
     assert loads >= WRITES // 2, loads
     await caches[0].clear()
