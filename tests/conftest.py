@@ -17,6 +17,7 @@ import pytest
 
 from tagcache import Cache
 from tagcache.backends import Backend, MemoryBackend
+
 from tests.redis_server import redis_server, redis_server_available
 
 BACKEND_KINDS = ("memory", "fakeredis", "redis")
@@ -89,6 +90,7 @@ async def make_backend(
             backend = MemoryBackend(clock=clock, **options) if clock else MemoryBackend(**options)
         elif backend_kind == "fakeredis":
             import fakeredis
+
             from tagcache.backends.redis import RedisBackend
 
             if fake_server is None:

@@ -275,12 +275,12 @@ def test_truncated_payload_raises_serialization_error(value: Any, data: st.DataO
 PLAIN = {"id": 7, "name": "Widget", "price": 19.5, "tags": ["a", "b"], "ok": True, "n": None, "o": {"x": []}}
 
 
-def test_plain_json_payload_is_marker_plus_orjson() -> None:
+def test_plain_json_payload_is_bare_orjson() -> None:
     codec = JsonCodec()
     payload = codec.encode(PLAIN)
-    assert payload[:1] == JsonCodec.PLAIN_MARKER
-    assert payload[1:] == orjson.dumps(PLAIN)
-    assert codec.decode(JsonCodec.PLAIN_MARKER + orjson.dumps(PLAIN)) == PLAIN
+    assert payload == orjson.dumps(PLAIN)
+    assert payload[0] > 0x20  # never a format marker
+    assert codec.decode(orjson.dumps(PLAIN)) == PLAIN
 
 
 def test_plain_json_decode_is_one_orjson_loads_and_no_walk(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,7 +308,7 @@ def test_plain_json_decode_is_one_orjson_loads_and_no_walk(monkeypatch: pytest.M
 )
 def test_plain_values_use_the_plain_format(value: Any) -> None:
     payload = JsonCodec().encode(value)
-    assert payload[:1] == JsonCodec.PLAIN_MARKER
+    assert payload == orjson.dumps(value)
     round_trip(JsonCodec(), value)
 
 
@@ -550,7 +550,8 @@ def test_reference_cycle_raises_serialization_error() -> None:
         b"\x02",
         b"\x02[1,",
         b"\x7f{}",
-        b'{"a":1}',
+        b'{"a":',
+        b"not json",
         b"\x03" + b"\x00" * 40,
         b'\x02{"$tuple":5}',
         b'\x02{"$dt":5}',

@@ -25,6 +25,7 @@ from tagcache import (
 )
 from tagcache.backends import Backend
 from tagcache.testing import caching_disabled
+
 from tests.conftest import unique_namespace
 
 MISSING = object()

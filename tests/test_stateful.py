@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from tagcache import Cache
 from tagcache.backends import Backend, MemoryBackend
+
 from tests.conftest import BACKEND_KINDS, unique_namespace
 
 KEYS = st.sampled_from(["a", "b", "c", "user:*", "user:?"])

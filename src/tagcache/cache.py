@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Final, TypeVar, overload
 from urllib.parse import parse_qsl, urlsplit
 
-from tagcache.backends.base import Backend
+from tagcache.backends.base import Backend, NowaitReads
 from tagcache.codec import Codec, JsonCodec
 from tagcache.exceptions import (
     ConfigurationError,
@@ -147,6 +147,10 @@ class Cache:
         self._ns = namespace
         self._default_ttl = ttl_seconds(default_ttl, what="default_ttl")
         self._codec: Codec = codec if codec is not None else JsonCodec()
+        # Bound methods looked up once: the hit path runs them on every call.
+        self._backend_get = backend.get
+        self._get_nowait = backend.get_nowait if isinstance(backend, NowaitReads) else None
+        self._decode_payload = self._codec.decode
         self._max_value_size = max_value_size
         self._lease_ttl = lease
         self._owns_backend = owns_backend
@@ -191,7 +195,9 @@ class Cache:
                 raise ConfigurationError(
                     f"unknown memory:// parameter(s) {sorted(params)}; known: max_entries, max_bytes"
                 )
-            backend = MemoryBackend(**sizes)
+            backend = MemoryBackend(
+                max_entries=sizes.get("max_entries", 10_000), max_bytes=sizes.get("max_bytes", 64 * 2**20)
+            )
         elif scheme in ("redis", "rediss", "unix"):
             try:
                 from tagcache.backends.redis import RedisBackend
@@ -231,7 +237,7 @@ class Cache:
     @staticmethod
     def _key(key: object) -> str:
         # Inline fast check for the common valid case; check_key explains failures.
-        if type(key) is str and key and len(key) <= MAX_KEY_LENGTH and not _CONTROL.search(key):
+        if type(key) is str and key and len(key) <= MAX_KEY_LENGTH and key.isprintable():
             return key
         return check_key(key)
 
@@ -259,11 +265,14 @@ class Cache:
     def _decode(self, key: str, payload: bytes) -> tuple[bool, Any]:
         """Decode a stored payload; a corrupt or foreign one is logged, counted and a miss."""
         try:
-            return True, self._codec.decode(payload)
+            return True, self._decode_payload(payload)
         except Exception as exc:
-            self._counters.errors += 1
-            logger.warning("tagcache: unreadable value under key %r treated as a miss: %s", key, exc)
+            self._corrupt(key, exc)
             return False, None
+
+    def _corrupt(self, key: str, exc: Exception) -> None:
+        self._counters.errors += 1
+        logger.warning("tagcache: unreadable value under key %r treated as a miss: %s", key, exc)
 
     # ------------------------------------------------------------------ reads
 
@@ -279,20 +288,29 @@ class Cache:
         An entry is absent once expired, deleted, or when any of its tags was
         invalidated after its value was read from the source.
         """
-        if type(key) is not str or not key or len(key) > MAX_KEY_LENGTH or _CONTROL.search(key):
+        # Fast path for the usual key; check_key handles (and explains) the rest.
+        # A printable str has no control characters.
+        if type(key) is not str or not key.isprintable() or len(key) > MAX_KEY_LENGTH or not key:
             key = check_key(key)
         counters = self._counters
         if _DISABLED.get():
             counters.misses += 1
             return default
-        try:
-            payload = await self._backend.get(self._ns, key)
-        except TagCacheError:
-            counters.errors += 1
-            raise
+        nowait = self._get_nowait
+        if nowait is not None:
+            payload = nowait(self._ns, key)
+        else:
+            try:
+                payload = await self._backend_get(self._ns, key)
+            except TagCacheError:
+                counters.errors += 1
+                raise
         if payload is not None:
-            ok, value = self._decode(key, payload)
-            if ok:
+            try:
+                value = self._decode_payload(payload)
+            except Exception as exc:
+                self._corrupt(key, exc)
+            else:
                 counters.hits += 1
                 return value
         counters.misses += 1

@@ -75,7 +75,9 @@ class Codec(Protocol):
 # JsonCodec
 # --------------------------------------------------------------------------------------------------
 
-_PLAIN: Final = 0x01
+# Plain payloads are bare JSON text, whose first byte is one of '{["-0123456789tfn';
+# markers of the other formats are control bytes at or below this value.
+_PLAIN_MAX: Final = 0x20
 _TAGGED: Final = 0x02
 _PICKLE: Final = 0x03
 
@@ -197,9 +199,10 @@ class JsonCodec:
     ``tuple`` and so on is not supported unless registered.
 
     Format: a value made only of ``dict`` (``str`` keys), ``list``, ``str``,
-    ``bool``, ``None``, 64-bit ``int`` and finite ``float`` is stored as the
-    marker :attr:`PLAIN_MARKER` followed by plain orjson bytes; decoding it
-    is one ``orjson.loads``. Anything else is stored after
+    ``bool``, ``None``, 64-bit ``int`` and finite ``float`` is stored as plain
+    orjson bytes, with no marker (JSON text never starts with a control byte,
+    so the markers below cannot be confused with it); decoding it is one
+    ``orjson.loads`` of the stored bytes, without a copy. Anything else is stored after
     :attr:`TAGGED_MARKER` as JSON in which non-JSON values are objects with a
     single reserved key such as ``"$tuple"`` or ``"$dt"``; only these
     payloads are walked on decode. A ``dict`` whose only key is one of the
@@ -218,8 +221,6 @@ class JsonCodec:
     surrogates).
     """
 
-    #: First byte of a payload holding only plain JSON types.
-    PLAIN_MARKER: ClassVar[bytes] = bytes([_PLAIN])
     #: First byte of a payload holding tagged (non-JSON) values.
     TAGGED_MARKER: ClassVar[bytes] = bytes([_TAGGED])
 
@@ -325,7 +326,7 @@ class JsonCodec:
         self._encoders[cls] = encode_registered
 
     def encode(self, value: object) -> bytes:
-        """Return :attr:`PLAIN_MARKER` + orjson bytes, or :attr:`TAGGED_MARKER` + tagged JSON.
+        """Return plain orjson bytes, or :attr:`TAGGED_MARKER` + tagged JSON.
 
         Raises:
             SerializationError: something inside ``value`` is not supported
@@ -336,7 +337,7 @@ class JsonCodec:
         try:
             tree = self._walk(value)
             if tree is value:
-                return b"\x01" + orjson.dumps(value)
+                return orjson.dumps(value)
             return b"\x02" + orjson.dumps(tree)
         except _EncodeFailure as failure:
             raise failure.to_error() from failure.__cause__
@@ -356,8 +357,8 @@ class JsonCodec:
                 be found or is not registered here.
         """
         try:
-            if data[0] == _PLAIN:
-                return orjson.loads(data[1:])
+            if data[0] > _PLAIN_MAX:
+                return orjson.loads(data)
             if data[0] == _TAGGED:
                 return self._unwalk(orjson.loads(data[1:]))
         except SerializationError:
@@ -365,6 +366,8 @@ class JsonCodec:
         except RecursionError:
             raise SerializationError("cannot decode payload: it is nested too deeply") from None
         except Exception as exc:
+            if not data or not isinstance(data, (bytes, bytearray, memoryview)):
+                raise SerializationError(_foreign_marker_message(data, "JsonCodec")) from exc
             raise SerializationError(f"cannot decode payload: {type(exc).__name__}: {exc}") from exc
         raise SerializationError(_foreign_marker_message(data, "JsonCodec"))
 

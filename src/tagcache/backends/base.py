@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Backend", "BackendInfo", "EntryInfo", "Lookup"]
+__all__ = ["Backend", "BackendInfo", "EntryInfo", "Lookup", "NowaitReads"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,3 +141,16 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and other resources. Safe to call twice."""
+
+
+@runtime_checkable
+class NowaitReads(Protocol):
+    """Optional capability of a backend whose reads never wait for I/O (an in-process store).
+
+    When a backend has ``get_nowait``, :meth:`tagcache.Cache.get` calls it
+    instead of awaiting :meth:`Backend.get`, saving a coroutine per hit. It
+    must return exactly what :meth:`Backend.get` would.
+    """
+
+    def get_nowait(self, ns: str, key: str) -> bytes | None:
+        """Synchronous :meth:`Backend.get`."""

@@ -178,6 +178,13 @@ class MemoryBackend:
 
     async def get(self, ns: str, key: str) -> bytes | None:
         """Return the payload of ``key`` if present and all its tag tokens match, else ``None``."""
+        return self.get_nowait(ns, key)
+
+    def get_nowait(self, ns: str, key: str) -> bytes | None:
+        """Return the payload of ``key`` if present and all its tag tokens match, else ``None``.
+
+        The synchronous form of :meth:`get` (see :class:`~tagcache.backends.base.NowaitReads`).
+        """
         space = self._spaces.get(ns)
         if space is None:
             return None
