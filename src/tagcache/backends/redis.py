@@ -1,0 +1,872 @@
+"""The Redis backend: the tag index as Lua scripts over redis-py's asyncio client.
+
+Layout (``b`` is the key's bucket, ``crc32(key) % buckets``)::
+
+    tc:{<ns>:<b>}:e:<key>   entry: a hash with the payload ("p") and the tags
+                            with the token each had when the value was read ("t")
+    tc:{<ns>:<b>}:t:<tag>   the tag's current version token in bucket b
+    tc:{<ns>:<b>}:l:<key>   the fill lease on key
+
+Every key a script touches shares the ``{<ns>:<b>}`` hash tag, so each
+script runs in one Redis Cluster slot. The scripts live in ``lua/`` next to
+this module; they are loaded once per server with ``SCRIPT LOAD``, called
+with ``EVALSHA`` and reloaded transparently after ``NOSCRIPT`` (a
+``SCRIPT FLUSH``, a restart or a failover).
+
+Speed comes from two things. Requests are written to connections the
+backend holds (taken from the client's pool and kept) and read back with
+redis-py's parser directly, skipping the per-command work of
+``execute_command``. And reads (``get`` and ``fetch``) travel together: a
+read sent while no other read is in flight goes out at once; reads issued
+while one is in flight are queued and sent as one pipeline (all ``get``\\ s of
+one bucket as a single script call) one loop tick after the in-flight one
+completes, so callers woken by that reply can join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import re
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from hashlib import sha1
+from importlib import resources
+from types import TracebackType
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_exceptions
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from tagcache.backends.base import BackendInfo, EntryInfo, Lookup
+from tagcache.exceptions import BackendError, ConfigurationError
+from tagcache.tags import glob_escape, glob_to_regex
+
+__all__ = ["RedisBackend"]
+
+# Errors of the client and the transport that become BackendError.
+_ERRORS: Final = (RedisError, OSError, asyncio.TimeoutError)
+# SCAN batch size and the most keys one UNLINK removes.
+_SCAN_COUNT: Final = 500
+# A token a fetch creates lives this much longer than the lease.
+_TOKEN_MARGIN_MS: Final = 5000
+# Commands shorter than this are written without waiting for the stream to drain.
+_FAST_WRITE_MAX: Final = 16384
+# Idle connections kept beyond this are handed back to the client's pool.
+_KEEP_IDLE: Final = 8
+
+
+def _load_script(name: str) -> bytes:
+    base = resources.files("tagcache.backends") / "lua"
+    common = (base / "common.lua").read_text(encoding="utf-8")
+    body = (base / f"{name}.lua").read_text(encoding="utf-8")
+    return (common + "\n" + body).encode()
+
+
+_SCRIPT_NAMES: Final = ("read", "fetch", "set", "fill", "release", "peek")
+_SOURCES: Final = {name: _load_script(name) for name in _SCRIPT_NAMES}
+_SHAS: Final = {name: sha1(src).hexdigest().encode() for name, src in _SOURCES.items()}
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+def _pack(*args: bytes) -> bytes:
+    """Encode one command in the Redis protocol."""
+    return b"*%d\r\n%b" % (len(args), b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in args]))
+
+
+def _evalsha_head(name: str, nargs: int, nkeys: int) -> bytes:
+    """The packed start of ``EVALSHA <sha> <nkeys>`` for a command of ``nargs`` arguments in all."""
+    return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (nargs, _SHAS[name], _bulk(b"%d" % nkeys))
+
+
+# The packed start of fetch calls by number of tags.
+_FETCH_HEADS: Final = [_evalsha_head("fetch", n + 10, n + 2) for n in range(16)]
+
+
+def _ttl_ms(ttl: float | None) -> bytes:
+    """A TTL argument for the scripts: ``-1`` for none, ``0`` for already expired, else ms (>= 1)."""
+    if ttl is None:
+        return b"-1"
+    if ttl <= 0:
+        return b"0"
+    return b"%d" % max(1, round(ttl * 1000))
+
+
+def _too_many_connections(exc: BaseException) -> bool:
+    # redis-py >= 5.3 raises MaxConnectionsError; older versions a ConnectionError.
+    max_error = getattr(redis_exceptions, "MaxConnectionsError", None)
+    if max_error is not None and isinstance(exc, max_error):
+        return True
+    return isinstance(exc, RedisConnectionError) and "Too many connections" in str(exc)
+
+
+def _error(op: str, key: str | None, exc: BaseException) -> BackendError:
+    where = f" of key {key!r}" if key is not None else ""
+    err = BackendError(f"Redis {op}{where} failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _redis_version() -> tuple[int, ...]:
+    import redis
+
+    return tuple(int(part) for part in re.findall(r"\d+", redis.__version__)[:3])
+
+
+class _FixedBlockingConnectionPool(aioredis.BlockingConnectionPool):
+    """``BlockingConnectionPool`` for redis-py 5.0.1, whose ``get_connection`` deadlocks
+    (until its timeout) when connecting fails, by releasing under its own lock
+    (fixed in redis-py 5.0.2): connect outside the lock instead."""
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        async def take() -> Any:
+            async with self._condition:
+                await self._condition.wait_for(self.can_get_connection)
+                pool: Any = self
+                conn = (
+                    pool._available_connections.pop()
+                    if pool._available_connections
+                    else pool.make_connection()
+                )
+                pool._in_use_connections.add(conn)
+                return conn
+
+        try:
+            connection = await asyncio.wait_for(take(), self.timeout)
+        except asyncio.TimeoutError as err:
+            raise RedisConnectionError("No connection available.") from err
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+
+_BLOCKING_POOL: Final = (
+    aioredis.BlockingConnectionPool if _redis_version() >= (5, 0, 2) else _FixedBlockingConnectionPool
+)
+
+
+class _Bucket:
+    """Pre-encoded prefixes of one bucket of one namespace."""
+
+    __slots__ = ("entry", "lease", "read_one", "read_one_args", "token", "token_arg")
+
+    def __init__(self, ns: bytes, b: int) -> None:
+        base = b"tc:{%b:%d}:" % (ns, b)
+        self.entry = base + b"e:"
+        self.token = base + b"t:"
+        self.lease = base + b"l:"
+        self.token_arg = _bulk(self.token)
+        # EVALSHA read 1 <entry key> <token prefix> 1, less the key and what follows.
+        self.read_one = _evalsha_head("read", 6, 1)
+        self.read_one_args = self.token_arg + _bulk(b"1")
+
+
+class _Space:
+    """Per namespace: its buckets and how to recognise its keys in a SCAN."""
+
+    __slots__ = ("buckets", "key_re", "scan_prefix")
+
+    def __init__(self, ns: str, buckets: int) -> None:
+        raw = ns.encode()
+        self.buckets = [_Bucket(raw, b) for b in range(buckets)]
+        escaped = glob_escape(ns).encode()
+        self.scan_prefix = b"tc:{%b:%b}:" % (escaped, b"0" if buckets == 1 else b"*")
+        self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"[0-9]+\}:([etl]):(.*)\Z", re.S)
+
+
+class RedisBackend:
+    """The Redis implementation of :class:`tagcache.backends.Backend`.
+
+    :param client: a ``redis.asyncio.Redis`` client; it may use
+        ``decode_responses=True`` (the backend reads raw bytes itself) and
+        any connection pool.
+    :param buckets: how many buckets a namespace is split into (``1`` on a
+        single Redis; more spreads a namespace over Redis Cluster slots).
+        Must stay fixed for a namespace's data.
+    :param max_connections: most connections of the client's pool this
+        backend uses at once; further callers queue, none get an error.
+        Up to a few idle ones are kept by the backend between calls.
+    :param owns_client: close ``client`` (and its pool) in :meth:`aclose`.
+
+    Reads: an entry key holding foreign data (a type other than a hash)
+    makes :meth:`get` return ``b""``, which the cache counts as an error
+    and a miss; :meth:`fetch` treats it as a miss (so the loaded value
+    replaces it) and :meth:`peek` as absent.
+
+    Every failure of the client or the connection is raised as
+    :class:`tagcache.BackendError` naming the operation and key, with the
+    original exception as ``__cause__``. The backend is an async context
+    manager that calls :meth:`aclose` on exit.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        buckets: int = 1,
+        max_connections: int = 50,
+        owns_client: bool = False,
+    ) -> None:
+        if type(buckets) is not int or buckets < 1:
+            raise ConfigurationError(f"buckets must be a positive int, got {buckets!r}")
+        if type(max_connections) is not int or max_connections < 1:
+            raise ConfigurationError(f"max_connections must be a positive int, got {max_connections!r}")
+        pool = getattr(client, "connection_pool", None)
+        if pool is None:
+            raise ConfigurationError(
+                f"RedisBackend needs a redis.asyncio.Redis client with a connection pool, "
+                f"got {type(client).__name__}"
+            )
+        self._client = client
+        self._pool: Any = pool
+        self._buckets = buckets
+        self._owns = owns_client
+        self._spaces: dict[str, _Space] = {}
+        # Connections held: idle ones, how many in all, callers waiting for one.
+        self._max = max_connections
+        self._idle: list[AbstractConnection] = []
+        self._held = 0
+        self._waiters: deque[asyncio.Future[AbstractConnection]] = deque()
+        params = inspect.signature(pool.get_connection).parameters
+        name = params.get("command_name")
+        self._get_needs_name = name is not None and name.default is inspect.Parameter.empty
+        self._scripts_loaded = False
+        # Read batching: whether a read is in flight (or a batch is scheduled),
+        # and the reads queued meanwhile: gets per bucket (key -> futures) and
+        # other read commands with their futures.
+        self._busy = False
+        self._queued_gets: dict[_Bucket, dict[bytes, list[asyncio.Future[Any]]]] = {}
+        self._queued_cmds: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        # lease_ttl -> the packed lease and token lifetimes of fetch calls.
+        self._fetch_tails: dict[float, bytes] = {}
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, buckets: int = 1, max_connections: int = 50, **kwargs: Any
+    ) -> RedisBackend:
+        """Create a backend over its own client for a ``redis://``, ``rediss://`` or ``unix://`` URL.
+
+        The client uses a ``redis.asyncio.BlockingConnectionPool`` of
+        ``max_connections`` (callers queue for a connection instead of
+        failing); further ``kwargs`` go to the pool (``socket_timeout``,
+        ``password``, ...). :meth:`aclose` closes the client and the pool.
+        """
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(f"unsupported Redis URL {url!r}: use redis://, rediss:// or unix://")
+        pool = _BLOCKING_POOL.from_url(url, max_connections=max_connections, **kwargs)
+        client = aioredis.Redis(connection_pool=pool)
+        return cls(client, buckets=buckets, max_connections=max_connections, owns_client=True)
+
+    async def __aenter__(self) -> RedisBackend:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- layout --------------------------------------------------------------
+
+    def _space(self, ns: str) -> _Space:
+        space = self._spaces.get(ns)
+        if space is None:
+            if not ns or "{" in ns or "}" in ns:
+                raise ConfigurationError(
+                    f"Redis namespace {ns!r} must be non-empty and must not contain '{{' or '}}'"
+                )
+            space = self._spaces[ns] = _Space(ns, self._buckets)
+        return space
+
+    def _bucket(self, ns: str, key: bytes) -> _Bucket:
+        space = self._spaces.get(ns) or self._space(ns)
+        if self._buckets == 1:
+            return space.buckets[0]
+        return space.buckets[zlib.crc32(key) % self._buckets]
+
+    # -- connections -----------------------------------------------------------
+
+    async def _acquire(self) -> AbstractConnection:
+        if self._idle:
+            return self._idle.pop()
+        if self._closed:
+            raise RedisConnectionError("the backend is closed")
+        if self._held < self._max:
+            self._held += 1
+            try:
+                if self._get_needs_name:
+                    conn: AbstractConnection = await self._pool.get_connection("EVALSHA")
+                else:
+                    conn = await self._pool.get_connection()
+            except BaseException as exc:
+                self._held -= 1
+                # The client's pool is smaller than max_connections: wait for
+                # one of ours, unless we hold none.
+                if not (_too_many_connections(exc) and self._held > 0):
+                    raise
+            else:
+                return conn
+        waiter: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())
+            raise
+
+    def _release(self, conn: AbstractConnection) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if len(self._idle) < _KEEP_IDLE and not self._closed:
+            self._idle.append(conn)
+        else:
+            self._held -= 1
+            self._spawn(self._give_back(conn))
+
+    async def _give_back(self, conn: AbstractConnection) -> None:
+        result = self._pool.release(conn)
+        if inspect.isawaitable(result):
+            await result
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load_scripts(self, conn: AbstractConnection) -> None:
+        await conn.send_packed_command([_pack(b"SCRIPT", b"LOAD", src) for src in _SOURCES.values()])
+        for name in _SOURCES:
+            sha = await conn.read_response(disable_decoding=True)
+            if sha != _SHAS[name]:
+                raise ResponseError(f"SCRIPT LOAD of {name} returned {sha!r}")
+        self._scripts_loaded = True
+
+    @staticmethod
+    async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response(disable_decoding=True))
+            except ResponseError as exc:  # the reply was read whole: the connection is fine
+                replies.append(exc)
+        return replies
+
+    async def _roundtrip(self, cmds: list[bytes], *, retry: bool = True) -> list[Any]:
+        """Write ``cmds`` in one go on a held connection and return their replies in order.
+
+        Error replies are returned as ``ResponseError`` values. ``NOSCRIPT``
+        replies make the scripts load again and their commands be resent. A
+        connection error on a connection used before is retried once on a new
+        connection (the old one may have been closed by the server). Any
+        exception, cancellation included, disconnects the connection: its
+        state is unknown, and no later caller may read a stale reply from it.
+        """
+        while True:
+            conn = self._idle.pop() if self._idle else await self._acquire()
+            try:
+                if not self._scripts_loaded:
+                    await self._load_scripts(conn)
+                await conn.send_packed_command(cmds)
+                replies = await self._read_replies(conn, len(cmds))
+                redo = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if redo:
+                    await self._load_scripts(conn)
+                    await conn.send_packed_command([cmds[i] for i in redo])
+                    for i, reply in zip(redo, await self._read_replies(conn, len(redo)), strict=True):
+                        replies[i] = reply
+            except RedisConnectionError:
+                await conn.disconnect(nowait=True)
+                self._release(conn)
+                if retry and not self._closed:
+                    retry = False
+                    continue
+                raise
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                self._release(conn)
+                raise
+            self._release(conn)
+            return replies
+
+    async def _roundtrip_one(self, cmd: bytes) -> Any:
+        """:meth:`_roundtrip` for one command, streamlined for the common case (the
+        scripts are loaded and a connection is idle); anything else takes the general path."""
+        if not self._idle or not self._scripts_loaded:
+            return (await self._roundtrip([cmd]))[0]
+        conn = self._idle.pop()
+        try:
+            writer = conn._writer
+            if writer is not None and not conn.health_check_interval and len(cmd) < _FAST_WRITE_MAX:
+                # A small command on a connected socket: write it straight to
+                # the stream. send_packed_command would wrap the write in
+                # asyncio.wait_for (a task per call) whenever socket_timeout
+                # is set, only to guard a drain that a write this small does
+                # not need; the read below still honours socket_timeout.
+                writer.writelines((cmd,))
+            else:
+                await conn.send_packed_command(cmd, conn.health_check_interval != 0)
+            reply = await conn.read_response(disable_decoding=True)
+        except ResponseError as exc:  # read whole: the connection is fine
+            self._release(conn)
+            if isinstance(exc, NoScriptError):
+                return (await self._roundtrip([cmd]))[0]
+            return exc
+        except RedisConnectionError:
+            await conn.disconnect(nowait=True)
+            self._release(conn)
+            if self._closed:
+                raise
+            return (await self._roundtrip([cmd], retry=False))[0]
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            self._release(conn)
+            raise
+        self._release(conn)
+        return reply
+
+    async def _call(self, op: str, key: str | None, cmds: list[bytes]) -> list[Any]:
+        """Run ``cmds`` in one round trip; raise BackendError for any failure or error reply."""
+        try:
+            replies = await self._roundtrip(cmds)
+        except _ERRORS as exc:
+            raise _error(op, key, exc) from exc
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise _error(op, key, reply) from reply
+        return replies
+
+    # -- batched reads -----------------------------------------------------------
+
+    async def _read(self, op: str, key: str, cmd: bytes) -> Any:
+        """Send one read command now if no read is in flight, else queue it for the next batch."""
+        if self._busy:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._queued_cmds.append((cmd, fut))
+            reply = await fut
+        else:
+            self._busy = True
+            try:
+                reply = await self._roundtrip_one(cmd)
+            except _ERRORS as exc:
+                raise _error(op, key, exc) from exc
+            finally:
+                self._done_direct()
+        if isinstance(reply, ResponseError):
+            raise _error(op, key, reply) from reply
+        return reply
+
+    def _done_direct(self) -> None:
+        if self._queued_gets or self._queued_cmds:
+            self._spawn(self._run_batches())
+        else:
+            self._busy = False
+
+    async def _run_batches(self) -> None:
+        """Send the queued reads, one batch per round trip, until no more are queued."""
+        try:
+            while self._queued_gets or self._queued_cmds:
+                gets, self._queued_gets = self._queued_gets, {}
+                cmds, self._queued_cmds = self._queued_cmds, []
+                await self._send_batch(gets, cmds)
+                # One tick, so callers woken by the replies can queue again.
+                await asyncio.sleep(0)
+        finally:
+            self._busy = False
+            if self._queued_gets or self._queued_cmds:
+                if self._closed:
+                    self._fail_queued()
+                else:
+                    self._busy = True
+                    self._spawn(self._run_batches())
+
+    async def _send_batch(
+        self,
+        gets: dict[_Bucket, dict[bytes, list[asyncio.Future[Any]]]],
+        cmds: list[tuple[bytes, asyncio.Future[Any]]],
+    ) -> None:
+        packed: list[bytes] = []
+        for bucket, by_key in gets.items():
+            n = len(by_key)
+            head = _evalsha_head("read", n + 4, n)
+            packed.append(b"".join([head, *[_bulk(bucket.entry + k) for k in by_key], bucket.token_arg]))
+        packed.extend(cmd for cmd, _ in cmds)
+        try:
+            replies = await self._roundtrip(packed)
+        except BaseException as exc:
+            for by_key in gets.values():
+                for kb, futs in by_key.items():
+                    self._fail(futs, "get", kb, exc)
+            for _, fut in cmds:
+                self._fail([fut], "read", None, exc)
+            if isinstance(exc, Exception):
+                return
+            raise
+        for by_key, reply in zip(gets.values(), replies, strict=False):
+            if isinstance(reply, ResponseError):
+                for kb, futs in by_key.items():
+                    self._fail(futs, "get", kb, reply)
+                continue
+            for (_, futs), value in zip(by_key.items(), reply, strict=True):
+                result = b"" if type(value) is int else value
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_result(result)
+        for (_, fut), reply in zip(cmds, replies[len(gets) :], strict=True):
+            if not fut.done():
+                fut.set_result(reply)
+
+    @staticmethod
+    def _fail(futs: list[asyncio.Future[Any]], op: str, key: bytes | None, exc: BaseException) -> None:
+        for fut in futs:
+            if not fut.done():
+                text = None if key is None else key.decode(errors="replace")
+                fut.set_exception(_error(op, text, exc))
+
+    def _fail_queued(self) -> None:
+        closed = RedisConnectionError("the backend is closed")
+        for by_key in self._queued_gets.values():
+            for kb, futs in by_key.items():
+                self._fail(futs, "get", kb, closed)
+        for _, fut in self._queued_cmds:
+            self._fail([fut], "read", None, closed)
+        self._queued_gets, self._queued_cmds = {}, []
+
+    # -- Backend -----------------------------------------------------------------
+
+    async def get(self, ns: str, key: str) -> bytes | None:
+        """Return the payload of ``key`` if present and all its tag tokens match, else ``None``.
+
+        One round trip, shared with the other reads queued while one is in
+        flight. Returns ``b""`` when the entry key holds foreign data (a
+        Redis type other than a hash).
+        """
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        if self._busy:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            by_key = self._queued_gets.get(bucket)
+            if by_key is None:
+                self._queued_gets[bucket] = {kb: [fut]}
+            else:
+                futs = by_key.get(kb)
+                if futs is None:
+                    by_key[kb] = [fut]
+                else:
+                    futs.append(fut)
+            result: bytes | None = await fut
+            return result
+        self._busy = True
+        try:
+            ek = bucket.entry + kb
+            reply = await self._roundtrip_one(
+                b"%b$%d\r\n%b\r\n%b" % (bucket.read_one, len(ek), ek, bucket.read_one_args)
+            )
+        except _ERRORS as exc:
+            raise _error("get", key, exc) from exc
+        finally:
+            self._done_direct()
+        if type(reply) is bytes or reply is None:
+            return reply
+        if type(reply) is int:  # foreign data under the entry key
+            return b""
+        raise _error("get", key, reply) from reply
+
+    async def fetch(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
+        """Read ``key``; on a miss, snapshot the tokens of ``tags`` and try to take the fill lease.
+
+        One round trip (batched like :meth:`get`). Missing tokens are
+        created to live ``lease_ttl`` plus a few seconds; existing ones are
+        extended to that if shorter. Foreign data under the entry key is a
+        miss.
+        """
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        # 16 random bytes: the lease token; their first half, a fresh token for missing tags.
+        lease = os.urandom(16).hex().encode()
+        ek, lk = bucket.entry + kb, bucket.lease + kb
+        tail = self._fetch_tails.get(lease_ttl)
+        if tail is None:
+            lease_ms = max(1, round(lease_ttl * 1000))
+            tail = _bulk(b"%d" % lease_ms) + _bulk(b"%d" % (lease_ms + _TOKEN_MARGIN_MS))
+            if len(self._fetch_tails) < 64:
+                self._fetch_tails[lease_ttl] = tail
+        cmd = b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b$32\r\n%b\r\n%b$16\r\n%b\r\n" % (
+            _FETCH_HEADS[len(tags)]
+            if len(tags) < len(_FETCH_HEADS)
+            else _evalsha_head("fetch", len(tags) + 10, len(tags) + 2),
+            len(ek),
+            ek,
+            len(lk),
+            lk,
+            b"".join([_bulk(bucket.token + t.encode()) for t in tags]) if tags else b"",
+            bucket.token_arg,
+            lease,
+            tail,
+            lease[:16],
+        )
+        reply = await self._read("fetch", key, cmd)
+        if type(reply) is bytes:
+            return Lookup(reply)
+        tokens = tuple(t.decode() for t in reply[1:])
+        return Lookup(None, tokens, lease.decode() if reply[0] == 1 else None)
+
+    def _write_cmd(
+        self, script: str, bucket: _Bucket, kb: bytes, args: list[bytes], tags: Sequence[str]
+    ) -> bytes:
+        n = len(tags)
+        return b"".join(
+            [
+                _evalsha_head(script, 3 + 2 + n + len(args), 2 + n),
+                _bulk(bucket.entry + kb),
+                _bulk(bucket.lease + kb),
+                *[_bulk(bucket.token + t.encode()) for t in tags],
+                *[_bulk(a) for a in args],
+            ]
+        )
+
+    async def set(self, ns: str, key: str, payload: bytes, ttl: float | None, tags: Sequence[str]) -> None:
+        """Store ``payload`` unconditionally, stamped with the current tokens of ``tags``.
+
+        One round trip. Missing tokens are created; every token is extended
+        to outlive the entry (an entry without expiry makes its tokens
+        persist). Clears any lease on ``key``. A ``ttl`` of zero stores
+        nothing but removes the previous entry.
+        """
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        args = [bytes(payload), _ttl_ms(ttl), os.urandom(8).hex().encode(), *[t.encode() for t in tags]]
+        await self._call("set", key, [self._write_cmd("set", bucket, kb, args, tags)])
+
+    async def fill(
+        self,
+        ns: str,
+        key: str,
+        payload: bytes,
+        ttl: float | None,
+        tags: Sequence[str],
+        tokens: Sequence[str],
+        lease: str,
+    ) -> bool:
+        """Compare-and-set after a miss: store only if ``lease`` is still this caller's
+        and every tag's current token equals ``tokens``. Releases the lease either way.
+
+        One round trip. Returns ``True`` if the payload was stored.
+        """
+        if len(tags) != len(tokens):
+            await self.release(ns, key, lease)
+            return False
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        args = [
+            bytes(payload),
+            _ttl_ms(ttl),
+            lease.encode(),
+            *[t.encode() for t in tags],
+            *[t.encode() for t in tokens],
+        ]
+        replies = await self._call("fill", key, [self._write_cmd("fill", bucket, kb, args, tags)])
+        return bool(replies[0] == 1)
+
+    async def release(self, ns: str, key: str, lease: str) -> None:
+        """Give up ``lease`` on ``key`` without writing; a lease held by someone else is kept."""
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        cmd = b"".join([_evalsha_head("release", 5, 1), _bulk(bucket.lease + kb), _bulk(lease.encode())])
+        await self._call("release", key, [cmd])
+
+    async def delete(self, ns: str, key: str) -> bool:
+        """Remove ``key`` and its lease (one round trip). Returns ``True`` if an entry was stored."""
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        replies = await self._call(
+            "delete", key, [_pack(b"DEL", bucket.entry + kb), _pack(b"DEL", bucket.lease + kb)]
+        )
+        return bool(replies[0])
+
+    async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
+        """Invalidate every entry carrying any of ``tags`` by deleting the tags' tokens.
+
+        One round trip: one ``DEL`` per bucket, pipelined. Entries are not
+        touched; they become misses and expire by their TTL.
+        """
+        if not tags:
+            return
+        encoded = [t.encode() for t in tags]
+        cmds = [_pack(b"DEL", *[b.token + t for t in encoded]) for b in self._space(ns).buckets]
+        await self._call("invalidate", None, cmds)
+
+    async def peek(self, ns: str, key: str) -> EntryInfo | None:
+        """Return the stored entry with its remaining TTL, tags and validity, or ``None``.
+
+        One round trip. Foreign data under the entry key reads as ``None``.
+        """
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        cmd = b"".join([_evalsha_head("peek", 5, 1), _bulk(bucket.entry + kb), bucket.token_arg])
+        reply = (await self._call("peek", key, [cmd]))[0]
+        if not reply:
+            return None
+        payload, pttl, stamp, valid = reply
+        if pttl == -2:
+            return None
+        parts = stamp.decode().split("\n") if stamp else []
+        return EntryInfo(
+            payload=payload,
+            ttl=None if pttl < 0 else pttl / 1000,
+            tags=tuple(parts[0::2]),
+            valid=valid == 1,
+        )
+
+    async def _scan(self, op: str, ns: str, match: bytes) -> AsyncIterator[list[tuple[bytes, bytes, bytes]]]:
+        """Yield batches of keys of ``ns`` (``(kind, key bytes, rest)``) matching ``match``."""
+        space = self._space(ns)
+        cursor = b"0"
+        while True:
+            reply = (
+                await self._call(
+                    op, None, [_pack(b"SCAN", cursor, b"MATCH", match, b"COUNT", b"%d" % _SCAN_COUNT)]
+                )
+            )[0]
+            cursor, found = reply[0], reply[1]
+            batch = []
+            for raw in found:
+                m = space.key_re.match(raw)
+                if m is not None:
+                    batch.append((m.group(1), raw, m.group(2)))
+            yield batch
+            if cursor in (b"0", 0):
+                return
+
+    async def clear(self, ns: str) -> int:
+        """Remove every key of namespace ``ns`` (entries, tokens, leases); return entries removed.
+
+        Uses ``SCAN`` with ``MATCH`` on the namespace prefix and ``UNLINK``
+        in batches; keys of other namespaces and foreign keys are never touched.
+        """
+        space = self._space(ns)
+        removed = 0
+        async for batch in self._scan("clear", ns, space.scan_prefix + b"*"):
+            entries = [raw for kind, raw, _ in batch if kind == b"e"]
+            others = [raw for kind, raw, _ in batch if kind != b"e"]
+            cmds = [
+                _pack(b"UNLINK", *entries[i : i + _SCAN_COUNT]) for i in range(0, len(entries), _SCAN_COUNT)
+            ]
+            n_entry_cmds = len(cmds)
+            cmds += [
+                _pack(b"UNLINK", *others[i : i + _SCAN_COUNT]) for i in range(0, len(others), _SCAN_COUNT)
+            ]
+            if cmds:
+                replies = await self._call("clear", None, cmds)
+                removed += sum(int(r) for r in replies[:n_entry_cmds])
+        return removed
+
+    async def keys(self, ns: str, pattern: str, limit: int | None) -> list[str]:
+        """Return up to ``limit`` (``None``: all) stored keys of ``ns`` matching the Redis glob ``pattern``.
+
+        Uses ``SCAN`` with ``MATCH``; keys of entries whose tags were
+        invalidated are listed until they expire.
+        """
+        if limit is not None and limit <= 0:
+            return []
+        space = self._space(ns)
+        match = glob_to_regex(pattern).match
+        found: dict[str, None] = {}
+        async for batch in self._scan("keys", ns, space.scan_prefix + b"e:" + pattern.encode()):
+            for kind, _, rest in batch:
+                if kind != b"e":
+                    continue
+                text = rest.decode(errors="replace")
+                if self._buckets > 1 and not match(text):
+                    continue
+                found[text] = None
+                if limit is not None and len(found) >= limit:
+                    return list(found)
+        return list(found)
+
+    async def info(self) -> BackendInfo:
+        """Return the database's key count (``DBSIZE``), ``used_memory`` and ``evicted_keys``.
+
+        ``extra`` holds ``maxmemory``, ``maxmemory_policy``, ``expired_keys``,
+        ``keyspace_hits``, ``keyspace_misses`` and ``redis_version`` where
+        the server reports them.
+        """
+        cmds = [
+            _pack(b"INFO", b"memory"),
+            _pack(b"INFO", b"stats"),
+            _pack(b"INFO", b"server"),
+            _pack(b"DBSIZE"),
+        ]
+        try:
+            replies = await self._roundtrip(cmds)
+        except _ERRORS as exc:
+            raise _error("info", None, exc) from exc
+        if isinstance(replies[3], ResponseError):
+            raise _error("info", None, replies[3]) from replies[3]
+        fields: dict[str, str] = {}
+        for text in replies[:3]:
+            if isinstance(text, ResponseError):  # INFO is not available everywhere (e.g. fakeredis)
+                continue
+            for line in (text.decode() if isinstance(text, bytes) else str(text)).splitlines():
+                name, sep, value = line.partition(":")
+                if sep and not line.startswith("#"):
+                    fields[name.strip()] = value.strip()
+
+        def number(name: str) -> int | None:
+            value = fields.get(name)
+            return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
+        extra: dict[str, object] = {}
+        for name in ("maxmemory", "expired_keys", "keyspace_hits", "keyspace_misses"):
+            if (figure := number(name)) is not None:
+                extra[name] = figure
+        for name in ("maxmemory_policy", "redis_version"):
+            if name in fields:
+                extra[name] = fields[name]
+        return BackendInfo(
+            keys=int(replies[3]),
+            memory_bytes=number("used_memory"),
+            evictions=number("evicted_keys"),
+            extra=extra,
+        )
+
+    async def aclose(self) -> None:
+        """Hand the held connections back to the client's pool; close the client if owned.
+
+        Reads still queued fail with :class:`tagcache.BackendError`. Safe to call twice.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self._busy:
+            self._fail_queued()
+        idle, self._idle = self._idle, []
+        self._held -= len(idle)
+        for conn in idle:
+            await self._give_back(conn)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns:
+            close = getattr(self._client, "aclose", None) or self._client.close
+            await close()
+            await self._pool.disconnect()
