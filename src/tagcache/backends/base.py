@@ -94,9 +94,7 @@ class Backend(Protocol):
         lease, if granted, expires after ``lease_ttl`` seconds.
         """
 
-    async def set(
-        self, ns: str, key: str, payload: bytes, ttl: float | None, tags: Sequence[str]
-    ) -> None:
+    async def set(self, ns: str, key: str, payload: bytes, ttl: float | None, tags: Sequence[str]) -> None:
         """Store ``payload`` unconditionally, stamped with the current tokens of ``tags``.
 
         Clears any lease on ``key``, so an in-flight fill of an older value fails.
