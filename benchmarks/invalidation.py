@@ -1,9 +1,12 @@
 """Invalidation cost against the number of entries carrying the tag.
 
-Times ``invalidate_tags([tag])`` the first time, with live entries, for a tag
-carried by 1 entry and by 100k entries — on Redis and in memory — beside the
-common member-set design (a Redis SET of keys per tag; invalidation reads the
-set and deletes every member), measured in the same run.
+Each round stores N entries: all of them carry tag ``all``, one of them also
+carries tag ``one``. It then times ``invalidate_tags(["one"])`` (1 entry
+carries it) and ``invalidate_tags(["all"])`` (N entries carry it), each the
+first time and with live entries — on Redis and in memory — beside the
+common member-set design (a Redis SET of keys per tag; invalidation reads
+the set and deletes every member), measured in the same run on the same data
+shape. Same store size in both cases, so only the tag's reach differs.
 
     python benchmarks/invalidation.py --url redis://127.0.0.1:6379/0
 """
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import time
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as redis
 
@@ -22,45 +27,52 @@ from tagcache.backends import MemoryBackend
 from _common import median, table
 
 
-async def fill(cache: Cache, tag: str, count: int) -> None:
-    for start in range(0, count, 1000):
-        await asyncio.gather(
-            *(cache.set(f"{tag}:{i}", i, tags=[tag]) for i in range(start, min(start + 1000, count)))
-        )
-
-
-async def time_tagcache(cache: Cache, count: int, rounds: int) -> float:
-    samples = []
-    for r in range(rounds):
-        tag = f"tag{count}-{r}"
-        await fill(cache, tag, count)
-        assert await cache.get(f"{tag}:0") == 0
+async def timed(call: Callable[[], Awaitable[object]]) -> float:
+    gc.disable()  # a collection inside the timed call would be noise, not invalidation cost
+    try:
         start = time.perf_counter()
-        await cache.invalidate_tags([tag])
-        samples.append(time.perf_counter() - start)
-        assert await cache.get(f"{tag}:0") is None
-        await cache.clear()
-    return median(samples) * 1000
+        await call()
+        return (time.perf_counter() - start) * 1000
+    finally:
+        gc.enable()
 
 
-async def time_member_sets(client: redis.Redis, count: int, rounds: int) -> float:
-    samples = []
-    for r in range(rounds):
-        tag_key = f"bench-sets:tag:{count}-{r}"
-        for start in range(0, count, 5000):
-            async with client.pipeline(transaction=False) as pipe:
-                for i in range(start, min(start + 5000, count)):
-                    key = f"bench-sets:{count}-{r}:{i}"
-                    pipe.set(key, i, ex=600)
-                    pipe.sadd(tag_key, key)
-                await pipe.execute()
-        start_t = time.perf_counter()
-        members = await client.smembers(tag_key)
+async def tagcache_round(cache: Cache, entries: int, r: int) -> tuple[float, float]:
+    one, every = f"one-{r}", f"all-{r}"
+    await cache.set("e0", 0, tags=[one, every])
+    for start in range(1, entries, 1000):
+        await asyncio.gather(
+            *(cache.set(f"e{i}", i, tags=[every]) for i in range(start, min(start + 1000, entries)))
+        )
+    assert await cache.get("e0") == 0
+    assert await cache.get(f"e{entries - 1}") == entries - 1
+    t_one = await timed(lambda: cache.invalidate_tags([one]))
+    assert await cache.get("e0") is None
+    assert await cache.get(f"e{entries - 1}") == entries - 1
+    t_all = await timed(lambda: cache.invalidate_tags([every]))
+    assert await cache.get(f"e{entries - 1}") is None
+    await cache.clear()
+    return t_one, t_all
+
+
+async def member_set_round(client: redis.Redis, entries: int, r: int) -> tuple[float, float]:
+    prefix = f"bench-sets:{r}"
+    for start in range(0, entries, 5000):
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(start, min(start + 5000, entries)):
+                pipe.set(f"{prefix}:e{i}", i, ex=600)
+                pipe.sadd(f"{prefix}:tag:all", f"{prefix}:e{i}")
+            if start == 0:
+                pipe.sadd(f"{prefix}:tag:one", f"{prefix}:e0")
+            await pipe.execute()
+
+    async def invalidate(tag: str) -> None:
+        members = await client.smembers(f"{prefix}:tag:{tag}")
         if members:
             await client.delete(*members)
-        await client.delete(tag_key)
-        samples.append(time.perf_counter() - start_t)
-    return median(samples) * 1000
+        await client.delete(f"{prefix}:tag:{tag}")
+
+    return await timed(lambda: invalidate("one")), await timed(lambda: invalidate("all"))
 
 
 async def main() -> None:
@@ -69,39 +81,47 @@ async def main() -> None:
     )
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--entries", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
     args = parser.parse_args()
     if args.smoke:
         args.entries, args.rounds = 2000, 1
 
-    rows = []
     redis_cache = Cache.from_url(args.url, namespace="bench-inval", default_ttl=600)
     memory_cache = Cache(MemoryBackend(max_entries=args.entries * 2, max_bytes=None), namespace="bench")
     client = redis.Redis.from_url(args.url)
+    results: dict[str, list[tuple[float, float]]] = {"redis": [], "memory": [], "sets": []}
     try:
         await redis_cache.clear()
-        for count in (1, args.entries):
-            rows.append(
-                (
-                    f"{count:,}",
-                    f"{await time_tagcache(redis_cache, count, args.rounds):.3f}",
-                    f"{await time_tagcache(memory_cache, count, args.rounds):.4f}",
-                    f"{await time_member_sets(client, count, args.rounds):.3f}",
-                )
-            )
+        for r in range(args.rounds):
+            results["redis"].append(await tagcache_round(redis_cache, args.entries, r))
+            results["memory"].append(await tagcache_round(memory_cache, args.entries, r))
+            results["sets"].append(await member_set_round(client, args.entries, r))
     finally:
         await redis_cache.clear()
         await redis_cache.aclose()
         await memory_cache.aclose()
         await client.aclose()
-    print(f"time to invalidate one tag, first time, live entries (median of {args.rounds}), milliseconds")
+
+    def cell(kind: str, which: int) -> str:
+        return f"{median([sample[which] for sample in results[kind]]):.3f}"
+
+    print(
+        f"time to invalidate one tag, first time, with live entries; {args.entries:,} entries stored; "
+        f"median of {args.rounds} rounds, milliseconds"
+    )
     print(
         table(
-            ["entries with the tag", "tagcache Redis ms", "tagcache memory ms", "member-set design ms"],
-            rows,
+            ["entries carrying the tag", "tagcache Redis", "tagcache memory", "member-set design (Redis)"],
+            [
+                ("1", cell("redis", 0), cell("memory", 0), cell("sets", 0)),
+                (f"{args.entries:,}", cell("redis", 1), cell("memory", 1), cell("sets", 1)),
+            ],
         )
     )
+    for kind, label in (("redis", "tagcache Redis"), ("memory", "tagcache memory"), ("sets", "member sets")):
+        ratio = float(cell(kind, 1)) / max(float(cell(kind, 0)), 1e-9)
+        print(f"{label}: {args.entries:,}-entry tag / 1-entry tag = {ratio:.2f}")
 
 
 if __name__ == "__main__":
