@@ -18,6 +18,7 @@ __all__ = [
     "InvalidTTLError",
     "SerializationError",
     "TagCacheError",
+    "UnsupportedArgumentError",
     "ValueTooLargeError",
 ]
 
@@ -56,3 +57,8 @@ class BackendError(TagCacheError):
 
     The backend's own exception is chained as ``__cause__``.
     """
+
+
+class UnsupportedArgumentError(TagCacheError, TypeError):
+    """A decorated function got an argument whose type has no stable encoding in a
+    default cache key; the message names the parameter and suggests ``key=`` or ``ignore=``."""
