@@ -28,9 +28,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Backend", "BackendInfo", "EntryInfo", "Lookup", "NowaitReads"]
+__all__ = ["Backend", "BackendInfo", "EntryInfo", "FillWatch", "Lookup", "NowaitReads"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,34 @@ class BackendInfo:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
+class FillWatch(Protocol):
+    """Interest in the next fill of one key, from :meth:`Backend.watch`.
+
+    Used by a caller that found the key's lease held by another caller (in
+    this or another process): it enters the watch, reads the key once more
+    (so nothing signalled before the watch was ready is missed), then waits.
+    Waiting sends nothing to the server.
+    """
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until the key is signalled (filled, fill failed, lease released,
+        set or deleted) after the watch was entered or since the previous
+        ``wait`` returned ``True``. Return ``False`` after ``timeout`` seconds
+        without a signal (the lease holder may have died: its lease expires)."""
+
+    async def __aenter__(self) -> FillWatch:
+        """Make the signal channel ready (on Redis: the subscription is confirmed)
+        and register interest in the key."""
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Drop the interest in the key."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Storage for :class:`tagcache.Cache`. Implement this to add a backend.
@@ -92,6 +121,23 @@ class Backend(Protocol):
 
         Missing tokens are created (with a TTL of at least ``lease_ttl``). The
         lease, if granted, expires after ``lease_ttl`` seconds.
+        """
+
+    async def lease(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
+        """Snapshot the tokens of ``tags`` and try to take the fill lease, whether or not
+        ``key`` holds a value (for refreshing an entry before or after it goes stale).
+
+        Returns ``Lookup(None, tokens, lease_or_None)``, like a miss of :meth:`fetch`,
+        but never marks the key as waited for.
+        """
+
+    def watch(self, ns: str, key: str) -> FillWatch:
+        """Return a :class:`FillWatch` on ``key``: enter it, read the key again, then wait.
+
+        A :meth:`fetch` that finds the lease held by another caller notes, in
+        the same atomic step, that the key is waited for; :meth:`fill` (whether
+        it stores or not), :meth:`release`, :meth:`set` and :meth:`delete` of
+        a waited-for key then signal its watchers.
         """
 
     async def set(self, ns: str, key: str, payload: bytes, ttl: float | None, tags: Sequence[str]) -> None:

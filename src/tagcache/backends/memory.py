@@ -22,17 +22,21 @@ How it works:
 
 All time decisions use the ``clock`` given to the constructor
 (:func:`time.monotonic` by default), so tests can drive time by hand.
+
+Callers waiting for another caller's fill (:meth:`MemoryBackend.watch`) are
+woken directly by the ``fill``, ``release``, ``set`` or ``delete`` of the key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from tagcache.backends.base import BackendInfo, EntryInfo, Lookup
+from tagcache.backends.base import BackendInfo, EntryInfo, FillWatch, Lookup
 from tagcache.exceptions import ConfigurationError
 from tagcache.tags import glob_to_regex, new_token
 
@@ -104,6 +108,87 @@ class _Entry:
 _Record = _Entry | _Token | _Lease
 
 
+class _KeySignal:
+    """The fill signals of one watched key: a generation counter and the future
+    its current waiters await (replaced at each signal)."""
+
+    __slots__ = ("future", "gen", "refs")
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self.future: asyncio.Future[None] | None = None
+        # Watches entered on the key; the record is dropped when none is left.
+        self.refs = 0
+
+    def fire(self) -> None:
+        self.gen += 1
+        fut = self.future
+        if fut is not None:
+            self.future = None
+            if not fut.done():
+                fut.set_result(None)
+
+
+class _MemoryFillWatch:
+    """A :class:`~tagcache.backends.base.FillWatch` on one key of a :class:`MemoryBackend`."""
+
+    __slots__ = ("_backend", "_id", "_seen", "_signal")
+
+    def __init__(self, backend: MemoryBackend, ns: str, key: str) -> None:
+        self._backend = backend
+        self._id = (ns, key)
+        self._signal: _KeySignal | None = None
+        self._seen = 0
+
+    async def __aenter__(self) -> _MemoryFillWatch:
+        """Register interest in the key (nothing to make ready in process)."""
+        if self._signal is not None:
+            raise RuntimeError("this watch is already entered")
+        watched = self._backend._watched
+        signal = watched.get(self._id)
+        if signal is None:
+            signal = watched[self._id] = _KeySignal()
+        signal.refs += 1
+        self._signal = signal
+        self._seen = signal.gen
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Drop the interest in the key."""
+        signal, self._signal = self._signal, None
+        if signal is None:
+            return
+        signal.refs -= 1
+        if signal.refs <= 0:
+            watched = self._backend._watched
+            if watched.get(self._id) is signal:
+                del watched[self._id]
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until the key is signalled since the watch was entered (or since the
+        previous ``wait`` returned ``True``); ``False`` after ``timeout`` seconds without.
+
+        Also returns ``True`` when the backend is closed.
+        """
+        signal = self._signal
+        if signal is None:
+            raise RuntimeError("enter the watch (async with) before waiting")
+        if signal.gen == self._seen and timeout > 0:
+            fut = signal.future
+            if fut is None:
+                fut = signal.future = asyncio.get_running_loop().create_future()
+            await asyncio.wait((fut,), timeout=timeout)
+        if signal.gen != self._seen:
+            self._seen = signal.gen
+            return True
+        return False
+
+
 class _Space:
     """Everything stored for one namespace."""
 
@@ -173,6 +258,8 @@ class MemoryBackend:
         # The longest lease granted so far: an unused token is kept at least
         # this long (plus a margin) so it outlives every snapshot of it.
         self._lease_horizon = 0.0
+        # (ns, key) -> the signals of a key being watched.
+        self._watched: dict[tuple[str, str], _KeySignal] = {}
 
     # -- reads -------------------------------------------------------------
 
@@ -231,6 +318,28 @@ class MemoryBackend:
                         if hit is None:
                             hit = entry.hit = Lookup(entry.payload)
                         return hit
+        return self._miss(ns, key, tags, lease_ttl, now)
+
+    async def lease(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
+        """Snapshot the tokens of ``tags`` and try to take the fill lease, whether or not
+        ``key`` holds a value (to refresh an entry before or after it goes stale).
+
+        Tokens are created and extended as by :meth:`fetch`. Returns
+        ``Lookup(None, tokens, lease_or_None)``.
+        """
+        return self._miss(ns, key, tags, lease_ttl, self._clock())
+
+    def watch(self, ns: str, key: str) -> FillWatch:
+        """Return a :class:`~tagcache.backends.base.FillWatch` on ``key``: enter it, read
+        the key again, then ``wait``.
+
+        The next :meth:`fill` or :meth:`release` by the lease holder, or
+        :meth:`set` or :meth:`delete` of the key, wakes its watchers.
+        """
+        return _MemoryFillWatch(self, ns, key)
+
+    def _miss(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float, now: float) -> Lookup:
+        """Snapshot the tokens of ``tags`` (created or extended) and try to take the lease on ``key``."""
         self._reclaim(now)
         if lease_ttl > self._lease_horizon:
             self._lease_horizon = lease_ttl
@@ -323,6 +432,8 @@ class MemoryBackend:
         if lease is not None:
             self._drop_lease(space, lease)
         self._store(space, ns, key, payload, ttl, tags, now)
+        if self._watched:
+            self._signal(ns, key)
 
     async def fill(
         self,
@@ -348,23 +459,20 @@ class MemoryBackend:
         if held is None or held.value != lease:
             return False
         self._drop_lease(space, held)
-        if now >= held.expires:
-            return False
-        if len(tags) != len(tokens):
-            return False
-        current = space.tokens
-        for tag, token in zip(tags, tokens, strict=True):
-            record = current.get(tag)
-            if (
-                record is None
-                or record.value != token
-                or (record.expires is not None and now >= record.expires)
-            ):
-                return False
-        return self._store(space, ns, key, payload, ttl, tags, now)
+        stored = (
+            now < held.expires
+            and self._tokens_equal(space, tags, tokens, now)
+            and self._store(space, ns, key, payload, ttl, tags, now)
+        )
+        if self._watched:
+            self._signal(ns, key)
+        return stored
 
     async def release(self, ns: str, key: str, lease: str) -> None:
-        """Give up ``lease`` on ``key`` without writing; a lease held by someone else is kept."""
+        """Give up ``lease`` on ``key`` without writing; a lease held by someone else is kept.
+
+        Releasing wakes the key's watchers.
+        """
         self._reclaim(self._clock())
         space = self._spaces.get(ns)
         if space is None:
@@ -372,11 +480,18 @@ class MemoryBackend:
         held = space.leases.get(key)
         if held is not None and held.value == lease:
             self._drop_lease(space, held)
+            if self._watched:
+                self._signal(ns, key)
 
     async def delete(self, ns: str, key: str) -> bool:
-        """Remove ``key`` and its lease. Returns ``True`` if an unexpired entry was stored."""
+        """Remove ``key`` and its lease, and wake its watchers.
+
+        Returns ``True`` if an unexpired entry was stored.
+        """
         now = self._clock()
         self._reclaim(now)
+        if self._watched:
+            self._signal(ns, key)
         space = self._spaces.get(ns)
         if space is None:
             return False
@@ -435,6 +550,8 @@ class MemoryBackend:
         self._bytes = 0
         self._buckets.clear()
         self._heap.clear()
+        for signal in list(self._watched.values()):
+            signal.fire()
 
     async def __aenter__(self) -> MemoryBackend:
         return self
@@ -460,6 +577,28 @@ class MemoryBackend:
         if space is None:
             space = self._spaces[ns] = _Space(ns)
         return space
+
+    def _signal(self, ns: str, key: str) -> None:
+        """Wake the watchers of ``key``, if any."""
+        signal = self._watched.get((ns, key))
+        if signal is not None:
+            signal.fire()
+
+    @staticmethod
+    def _tokens_equal(space: _Space, tags: Sequence[str], tokens: Sequence[str], now: float) -> bool:
+        """Whether every tag's current, unexpired token equals the snapshot ``tokens``."""
+        if len(tags) != len(tokens):
+            return False
+        current = space.tokens
+        for tag, token in zip(tags, tokens, strict=True):
+            record = current.get(tag)
+            if (
+                record is None
+                or record.value != token
+                or (record.expires is not None and now >= record.expires)
+            ):
+                return False
+        return True
 
     @staticmethod
     def _stamp_valid(space: _Space, entry: _Entry) -> bool:

@@ -6,6 +6,7 @@ Layout (``b`` is the key's bucket, ``crc32(key) % buckets``)::
                             with the token each had when the value was read ("t")
     tc:{<ns>:<b>}:t:<tag>   the tag's current version token in bucket b
     tc:{<ns>:<b>}:l:<key>   the fill lease on key
+    tc:{<ns>:<b>}:w:<key>   the mark "someone waits for key to be filled"
 
 Every key a script touches shares the ``{<ns>:<b>}`` hash tag, so each
 script runs in one Redis Cluster slot. The scripts live in ``lua/`` next to
@@ -21,11 +22,23 @@ read sent while no other read is in flight goes out at once; reads issued
 while one is in flight are queued and sent as one pipeline (all ``get``\\ s of
 one bucket as a single script call) one loop tick after the in-flight one
 completes, so callers woken by that reply can join.
+
+Waiting for another caller's fill sends nothing to Redis. A ``fetch`` that
+finds the lease held marks the key as waited for (the ``w:`` key, living as
+long as the lease); a ``fill``, ``release``, ``set`` or ``delete`` of a marked
+key drops the mark and publishes the mark key's name on the namespace's
+channel ``tc:{<ns>}:fills`` in the same script, so keys nobody waits for never
+publish. Each backend holds one pub/sub connection (opened by the first
+:meth:`RedisBackend.watch`, outside the client's pool) subscribed to the
+channels of the namespaces watched, and a task that reads it and wakes the
+local watchers of the key named. ``PUBLISH`` reaches every node of a Redis
+Cluster, so the channels need no hash slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import re
@@ -43,7 +56,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from tagcache.backends.base import BackendInfo, EntryInfo, Lookup
+from tagcache.backends.base import BackendInfo, EntryInfo, FillWatch, Lookup
 from tagcache.exceptions import BackendError, ConfigurationError
 from tagcache.tags import glob_escape, glob_to_regex
 
@@ -59,6 +72,8 @@ _TOKEN_MARGIN_MS: Final = 5000
 _FAST_WRITE_MAX: Final = 16384
 # Idle connections kept beyond this are handed back to the client's pool.
 _KEEP_IDLE: Final = 8
+# Seconds to wait for a SUBSCRIBE confirmation when the client sets no socket_timeout.
+_SUBSCRIBE_TIMEOUT: Final = 5.0
 
 
 def _load_script(name: str) -> bytes:
@@ -68,7 +83,7 @@ def _load_script(name: str) -> bytes:
     return (common + "\n" + body).encode()
 
 
-_SCRIPT_NAMES: Final = ("read", "fetch", "set", "fill", "release", "peek")
+_SCRIPT_NAMES: Final = ("read", "fetch", "lease", "set", "fill", "release", "delete", "peek")
 _SOURCES: Final = {name: _load_script(name) for name in _SCRIPT_NAMES}
 _SHAS: Final = {name: sha1(src).hexdigest().encode() for name, src in _SOURCES.items()}
 
@@ -88,7 +103,8 @@ def _evalsha_head(name: str, nargs: int, nkeys: int) -> bytes:
 
 
 # The packed start of fetch calls by number of tags.
-_FETCH_HEADS: Final = [_evalsha_head("fetch", n + 10, n + 2) for n in range(16)]
+_FETCH_HEADS: Final = [_evalsha_head("fetch", n + 11, n + 3) for n in range(16)]
+_LEASE_HEADS: Final = [_evalsha_head("lease", n + 11, n + 3) for n in range(16)]
 
 
 def _ttl_ms(ttl: float | None) -> bytes:
@@ -159,17 +175,24 @@ _BLOCKING_POOL: Final = (
 class _Bucket:
     """Pre-encoded prefixes of one bucket of one namespace."""
 
-    __slots__ = ("entry", "lease", "read_one", "read_one_args", "token", "token_arg")
+    __slots__ = ("channel", "entry", "lease", "mark", "read_one", "read_one_args", "token", "token_arg")
 
     def __init__(self, ns: bytes, b: int) -> None:
         base = b"tc:{%b:%d}:" % (ns, b)
         self.entry = base + b"e:"
         self.token = base + b"t:"
         self.lease = base + b"l:"
+        self.mark = base + b"w:"
+        self.channel = _channel(ns)
         self.token_arg = _bulk(self.token)
         # EVALSHA read 1 <entry key> <token prefix> 1, less the key and what follows.
         self.read_one = _evalsha_head("read", 6, 1)
         self.read_one_args = self.token_arg + _bulk(b"1")
+
+
+def _channel(ns: bytes) -> bytes:
+    """The channel on which fills of waited-for keys of namespace ``ns`` are signalled."""
+    return b"tc:{%b}:fills" % ns
 
 
 class _Space:
@@ -182,7 +205,118 @@ class _Space:
         self.buckets = [_Bucket(raw, b) for b in range(buckets)]
         escaped = glob_escape(ns).encode()
         self.scan_prefix = b"tc:{%b:%b}:" % (escaped, b"0" if buckets == 1 else b"*")
-        self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"[0-9]+\}:([etl]):(.*)\Z", re.S)
+        self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"[0-9]+\}:([etlw]):(.*)\Z", re.S)
+
+
+class _KeySignal:
+    """The fill signals of one key in this process: a generation counter and the
+    future its current waiters await (replaced at each signal)."""
+
+    __slots__ = ("future", "gen", "refs")
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self.future: asyncio.Future[None] | None = None
+        # Watches entered on the key; the record is dropped when none is left.
+        self.refs = 0
+
+    def fire(self) -> None:
+        self.gen += 1
+        fut = self.future
+        if fut is not None:
+            self.future = None
+            if not fut.done():
+                fut.set_result(None)
+
+
+class _Link:
+    """The backend's pub/sub connection, its reader task and its channels
+    (channel -> future done when the subscription is confirmed)."""
+
+    __slots__ = ("channels", "conn", "reader")
+
+    def __init__(self, conn: AbstractConnection) -> None:
+        self.conn = conn
+        self.reader: asyncio.Task[None] | None = None
+        self.channels: dict[bytes, asyncio.Future[None]] = {}
+
+
+class _RedisFillWatch:
+    """A :class:`~tagcache.backends.base.FillWatch` on one key of a :class:`RedisBackend`."""
+
+    __slots__ = ("_backend", "_channel", "_key", "_mark", "_seen", "_signal")
+
+    def __init__(self, backend: RedisBackend, key: str, mark: bytes, channel: bytes) -> None:
+        self._backend = backend
+        self._key = key
+        self._mark = mark
+        self._channel = channel
+        self._signal: _KeySignal | None = None
+        self._seen = 0
+
+    async def __aenter__(self) -> _RedisFillWatch:
+        """Register interest in the key, then make sure the namespace's channel is subscribed.
+
+        Only the first watch of a namespace (or the first after the pub/sub
+        connection was lost) waits for a ``SUBSCRIBE`` confirmation.
+
+        :raises BackendError: when the subscription cannot be made.
+        """
+        if self._signal is not None:
+            raise RuntimeError("this watch is already entered")
+        signals = self._backend._signals
+        signal = signals.get(self._mark)
+        if signal is None:
+            signal = signals[self._mark] = _KeySignal()
+        signal.refs += 1
+        self._signal = signal
+        self._seen = signal.gen
+        try:
+            await self._backend._subscribe(self._channel, self._key)
+        except BaseException:
+            self._leave()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Drop the interest in the key."""
+        self._leave()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until the key is signalled since the watch was entered (or since the
+        previous ``wait`` returned ``True``); ``False`` after ``timeout`` seconds without.
+
+        Sends nothing to Redis. Also returns ``True`` when the pub/sub
+        connection is lost or the backend closed (a signal may have been
+        missed): the caller reads the key again either way.
+        """
+        signal = self._signal
+        if signal is None:
+            raise RuntimeError("enter the watch (async with) before waiting")
+        if signal.gen == self._seen and timeout > 0:
+            fut = signal.future
+            if fut is None:
+                fut = signal.future = asyncio.get_running_loop().create_future()
+            await asyncio.wait((fut,), timeout=timeout)
+        if signal.gen != self._seen:
+            self._seen = signal.gen
+            return True
+        return False
+
+    def _leave(self) -> None:
+        signal, self._signal = self._signal, None
+        if signal is None:
+            return
+        signal.refs -= 1
+        if signal.refs <= 0:
+            signals = self._backend._signals
+            if signals.get(self._mark) is signal:
+                del signals[self._mark]
 
 
 class RedisBackend:
@@ -252,6 +386,12 @@ class RedisBackend:
         self._closed = False
         # lease_ttl -> the packed lease and token lifetimes of fetch calls.
         self._fetch_tails: dict[float, bytes] = {}
+        # Waiting for fills: the signals of watched keys (by mark key), the
+        # pub/sub connection (None until the first watch, or after it broke)
+        # and a lock so one watch at a time opens it or subscribes.
+        self._signals: dict[bytes, _KeySignal] = {}
+        self._link: _Link | None = None
+        self._link_lock = asyncio.Lock()
 
     @classmethod
     def from_url(
@@ -598,49 +738,192 @@ class RedisBackend:
         One round trip (batched like :meth:`get`). Missing tokens are
         created to live ``lease_ttl`` plus a few seconds; existing ones are
         extended to that if shorter. Foreign data under the entry key is a
-        miss.
+        miss. When another caller holds the lease, the key is marked as
+        waited for in the same step (see :meth:`watch`).
         """
-        kb = key.encode()
-        bucket = self._bucket(ns, kb)
         # 16 random bytes: the lease token; their first half, a fresh token for missing tags.
         lease = os.urandom(16).hex().encode()
-        ek, lk = bucket.entry + kb, bucket.lease + kb
-        tail = self._fetch_tails.get(lease_ttl)
-        if tail is None:
-            lease_ms = max(1, round(lease_ttl * 1000))
-            tail = _bulk(b"%d" % lease_ms) + _bulk(b"%d" % (lease_ms + _TOKEN_MARGIN_MS))
-            if len(self._fetch_tails) < 64:
-                self._fetch_tails[lease_ttl] = tail
-        cmd = b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b$32\r\n%b\r\n%b$16\r\n%b\r\n" % (
-            _FETCH_HEADS[len(tags)]
-            if len(tags) < len(_FETCH_HEADS)
-            else _evalsha_head("fetch", len(tags) + 10, len(tags) + 2),
-            len(ek),
-            ek,
-            len(lk),
-            lk,
-            b"".join([_bulk(bucket.token + t.encode()) for t in tags]) if tags else b"",
-            bucket.token_arg,
-            lease,
-            tail,
-            lease[:16],
-        )
+        cmd = self._miss_cmd(_FETCH_HEADS, "fetch", ns, key, tags, lease_ttl, lease)
         reply = await self._read("fetch", key, cmd)
         if type(reply) is bytes:
             return Lookup(reply)
         tokens = tuple(t.decode() for t in reply[1:])
         return Lookup(None, tokens, lease.decode() if reply[0] == 1 else None)
 
+    async def lease(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
+        """Snapshot the tokens of ``tags`` and try to take the fill lease, whether or not
+        ``key`` holds a value (to refresh an entry before or after it goes stale).
+
+        One round trip. Tokens are created and extended as by :meth:`fetch`.
+        Returns ``Lookup(None, tokens, lease_or_None)``; never marks the key
+        as waited for.
+        """
+        lease = os.urandom(16).hex().encode()
+        cmd = self._miss_cmd(_LEASE_HEADS, "lease", ns, key, tags, lease_ttl, lease)
+        reply = (await self._call("lease", key, [cmd]))[0]
+        tokens = tuple(t.decode() for t in reply[1:])
+        return Lookup(None, tokens, lease.decode() if reply[0] == 1 else None)
+
+    def _miss_cmd(
+        self,
+        heads: list[bytes],
+        script: str,
+        ns: str,
+        key: str,
+        tags: Sequence[str],
+        lease_ttl: float,
+        lease: bytes,
+    ) -> bytes:
+        """``EVALSHA`` of fetch or lease: entry, lease, mark and token keys; the token
+        prefix, ``lease``, the lease and token lifetimes and a fresh token."""
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        ek, lk, wk = bucket.entry + kb, bucket.lease + kb, bucket.mark + kb
+        tail = self._fetch_tails.get(lease_ttl)
+        if tail is None:
+            lease_ms = max(1, round(lease_ttl * 1000))
+            tail = _bulk(b"%d" % lease_ms) + _bulk(b"%d" % (lease_ms + _TOKEN_MARGIN_MS))
+            if len(self._fetch_tails) < 64:
+                self._fetch_tails[lease_ttl] = tail
+        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b$32\r\n%b\r\n%b$16\r\n%b\r\n" % (
+            heads[len(tags)]
+            if len(tags) < len(heads)
+            else _evalsha_head(script, len(tags) + 11, len(tags) + 3),
+            len(ek),
+            ek,
+            len(lk),
+            lk,
+            len(wk),
+            wk,
+            b"".join([_bulk(bucket.token + t.encode()) for t in tags]) if tags else b"",
+            bucket.token_arg,
+            lease,
+            tail,
+            lease[:16],
+        )
+
+    def watch(self, ns: str, key: str) -> FillWatch:
+        """Return a :class:`~tagcache.backends.base.FillWatch` on ``key``: enter it, read
+        the key again, then ``wait``.
+
+        Entering subscribes this backend's pub/sub connection to the
+        namespace's channel and waits for the confirmation, the first time
+        only; waiting sends nothing to Redis. A :meth:`fetch` that finds the
+        lease held by another caller marks the key, and the next
+        :meth:`fill`, :meth:`release`, :meth:`set` or :meth:`delete` of a
+        marked key (from any process) publishes the signal that wakes every
+        watcher of the key in every process.
+        """
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        return _RedisFillWatch(self, key, bucket.mark + kb, bucket.channel)
+
+    async def _subscribe(self, channel: bytes, key: str) -> None:
+        """Make sure the pub/sub connection is subscribed to ``channel`` (confirmed)."""
+        link = self._link
+        if link is not None:
+            fut = link.channels.get(channel)
+            if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                return
+        try:
+            async with self._link_lock:
+                if self._closed:
+                    raise RedisConnectionError("the backend is closed")
+                link = self._link
+                if link is None:
+                    link = await self._open_link()
+                fut = link.channels.get(channel)
+                if fut is None:
+                    fut = link.channels[channel] = asyncio.get_running_loop().create_future()
+                    try:
+                        await link.conn.send_packed_command(_pack(b"SUBSCRIBE", channel), False)
+                    except BaseException:
+                        self._break_link(link)
+                        raise
+            timeout = self._pool.connection_kwargs.get("socket_timeout") or _SUBSCRIBE_TIMEOUT
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                self._break_link(link)
+                raise
+        except _ERRORS as exc:
+            raise _error("watch", key, exc) from exc
+
+    async def _open_link(self) -> _Link:
+        """Open the pub/sub connection (outside the pool: it never carries commands) and
+        start its reader."""
+        kwargs = dict(self._pool.connection_kwargs)
+        # Reads on it wait for messages for as long as it takes.
+        kwargs["socket_timeout"] = None
+        kwargs["health_check_interval"] = 0
+        conn: Any = self._pool.connection_class(**kwargs)
+        try:
+            await conn.connect()
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        link = _Link(conn)
+        link.reader = asyncio.get_running_loop().create_task(self._read_link(link))
+        self._link = link
+        return link
+
+    async def _read_link(self, link: _Link) -> None:
+        """Read the pub/sub connection: confirm subscriptions, wake the watchers of signalled keys."""
+        conn, channels, signals = link.conn, link.channels, self._signals
+        try:
+            while True:
+                reply = await conn.read_response(disable_decoding=True, push_request=True)
+                if type(reply) is not list or len(reply) < 3:
+                    continue
+                kind = reply[0]
+                if kind == b"message":
+                    signal = signals.get(reply[2])
+                    if signal is not None:
+                        signal.fire()
+                elif kind == b"subscribe":
+                    fut = channels.get(reply[1])
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+        except Exception:
+            # Lost (killed, server restart, ...): the next watch opens a new one.
+            self._break_link(link)
+
+    def _break_link(self, link: _Link) -> None:
+        """Forget ``link``: fail pending subscriptions, wake every watcher (a signal may
+        have been lost) and close the connection."""
+        if self._link is link:
+            self._link = None
+        lost = RedisConnectionError("the pub/sub connection was lost")
+        for fut in link.channels.values():
+            if not fut.done():
+                fut.set_exception(lost)
+                fut.exception()  # retrieved: no warning when no watch awaits it any more
+        for signal in list(self._signals.values()):
+            signal.fire()
+        self._spawn(self._close_link(link))
+
+    @staticmethod
+    async def _close_link(link: _Link) -> None:
+        reader = link.reader
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+            with contextlib.suppress(BaseException):  # cancelled or failed: it is gone either way
+                await reader
+        await link.conn.disconnect(nowait=True)
+
     def _write_cmd(
         self, script: str, bucket: _Bucket, kb: bytes, args: list[bytes], tags: Sequence[str]
     ) -> bytes:
+        """``EVALSHA`` of a write script: entry, lease, mark and token keys; the channel, then ``args``."""
         n = len(tags)
         return b"".join(
             [
-                _evalsha_head(script, 3 + 2 + n + len(args), 2 + n),
+                _evalsha_head(script, 3 + 3 + n + 1 + len(args), 3 + n),
                 _bulk(bucket.entry + kb),
                 _bulk(bucket.lease + kb),
+                _bulk(bucket.mark + kb),
                 *[_bulk(bucket.token + t.encode()) for t in tags],
+                _bulk(bucket.channel),
                 *[_bulk(a) for a in args],
             ]
         )
@@ -651,7 +934,7 @@ class RedisBackend:
         One round trip. Missing tokens are created; every token is extended
         to outlive the entry (an entry without expiry makes its tokens
         persist). Clears any lease on ``key``. A ``ttl`` of zero stores
-        nothing but removes the previous entry.
+        nothing but removes the previous entry. Signals the key's watchers.
         """
         kb = key.encode()
         bucket = self._bucket(ns, kb)
@@ -671,7 +954,8 @@ class RedisBackend:
         """Compare-and-set after a miss: store only if ``lease`` is still this caller's
         and every tag's current token equals ``tokens``. Releases the lease either way.
 
-        One round trip. Returns ``True`` if the payload was stored.
+        One round trip. Returns ``True`` if the payload was stored. Signals
+        the key's watchers whenever the lease was still this caller's.
         """
         if len(tags) != len(tokens):
             await self.release(ns, key, lease)
@@ -689,19 +973,40 @@ class RedisBackend:
         return bool(replies[0] == 1)
 
     async def release(self, ns: str, key: str, lease: str) -> None:
-        """Give up ``lease`` on ``key`` without writing; a lease held by someone else is kept."""
+        """Give up ``lease`` on ``key`` without writing; a lease held by someone else is kept.
+
+        Releasing signals the key's watchers.
+        """
         kb = key.encode()
         bucket = self._bucket(ns, kb)
-        cmd = b"".join([_evalsha_head("release", 5, 1), _bulk(bucket.lease + kb), _bulk(lease.encode())])
+        cmd = b"".join(
+            [
+                _evalsha_head("release", 7, 2),
+                _bulk(bucket.lease + kb),
+                _bulk(bucket.mark + kb),
+                _bulk(lease.encode()),
+                _bulk(bucket.channel),
+            ]
+        )
         await self._call("release", key, [cmd])
 
     async def delete(self, ns: str, key: str) -> bool:
-        """Remove ``key`` and its lease (one round trip). Returns ``True`` if an entry was stored."""
+        """Remove ``key`` and its lease, and signal its watchers (one round trip).
+
+        Returns ``True`` if an entry was stored.
+        """
         kb = key.encode()
         bucket = self._bucket(ns, kb)
-        replies = await self._call(
-            "delete", key, [_pack(b"DEL", bucket.entry + kb), _pack(b"DEL", bucket.lease + kb)]
+        cmd = b"".join(
+            [
+                _evalsha_head("delete", 7, 3),
+                _bulk(bucket.entry + kb),
+                _bulk(bucket.lease + kb),
+                _bulk(bucket.mark + kb),
+                _bulk(bucket.channel),
+            ]
         )
+        replies = await self._call("delete", key, [cmd])
         return bool(replies[0])
 
     async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
@@ -853,7 +1158,9 @@ class RedisBackend:
     async def aclose(self) -> None:
         """Hand the held connections back to the client's pool; close the client if owned.
 
-        Reads still queued fail with :class:`tagcache.BackendError`. Safe to call twice.
+        Reads still queued fail with :class:`tagcache.BackendError`. The
+        pub/sub connection is closed and its reader stopped; watchers still
+        waiting are woken. Safe to call twice.
         """
         if self._closed:
             return
@@ -864,6 +1171,10 @@ class RedisBackend:
         self._held -= len(idle)
         for conn in idle:
             await self._give_back(conn)
+        async with self._link_lock:
+            link = self._link
+            if link is not None:
+                self._break_link(link)
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._owns:

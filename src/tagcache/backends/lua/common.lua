@@ -93,3 +93,32 @@ local function read_entry(ekey)
   end
   return e
 end
+
+-- Signal the watchers of a key marked as waited for: when the mark key wk
+-- exists, drop it and publish its name on the namespace's channel ch. Keys
+-- nobody waits for cost one DEL and publish nothing.
+local function signal(wk, ch)
+  if redis.call('DEL', wk) == 1 then
+    redis.call('PUBLISH', ch, wk)
+  end
+end
+
+-- The miss branch of fetch: the current token of each token key from
+-- KEYS[first] on (created as fresh when missing; kept alive at least px ms)
+-- and an attempt to take the lease at lk with token lease for lease_ms ms.
+-- Returns {granted (1/0), token1, token2, ...}.
+local function snapshot_and_lease(first, lk, lease, lease_ms, px, fresh)
+  local out = {0}
+  for i = first, #KEYS do
+    local cur, created = current_token(KEYS[i], fresh, px)
+    if not created then
+      -- keep the token alive at least until the lease (and its fill) is over
+      redis.call('PEXPIRE', KEYS[i], px, 'GT')
+    end
+    out[i - first + 2] = cur
+  end
+  if redis.call('SET', lk, lease, 'NX', 'PX', lease_ms) or redis.pcall('GET', lk) == lease then
+    out[1] = 1
+  end
+  return out
+end
