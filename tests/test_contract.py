@@ -311,28 +311,61 @@ async def test_set_during_load_wins(cache: Cache) -> None:
     assert await cache.get("k") == "explicit"
 
 
-async def test_lease_held_elsewhere_loads_without_storing(make_backend: Callable[..., Backend]) -> None:
-    """Two caches on one backend stand for two processes: only the lease holder stores."""
+async def test_other_process_waits_for_the_lease_holder(make_backend: Callable[..., Backend]) -> None:
+    """Two caches on one backend stand for two processes: the second waits for the first's value."""
     backend = make_backend()
     ns = unique_namespace()
     one = Cache(backend, namespace=ns, owns_backend=False)
     two = Cache(backend, namespace=ns, owns_backend=False)
     gate = asyncio.Event()
+    second_loads = Source("two")
 
     async def slow() -> str:
         await gate.wait()
         return "one"
 
-    async def fast() -> str:
-        return "two"
-
-    task = asyncio.create_task(one.get_or_set("k", slow))
+    first = asyncio.create_task(one.get_or_set("k", slow))
     await asyncio.sleep(0.02)
-    assert await two.get_or_set("k", fast) == "two"
-    assert await two.get("k") is None
+    second = asyncio.create_task(two.get_or_set("k", second_loads.load))
+    await asyncio.sleep(0.1)
+    assert not second.done()  # waiting, not loading
     gate.set()
-    assert await task == "one"
-    assert await two.get("k") == "one"
+    assert await first == "one"
+    assert await asyncio.wait_for(second, 5) == "one"  # woken by the fill
+    assert second_loads.loads == 0
+    await one.clear()
+
+
+@pytest.mark.parametrize("outcome", ["raises", "cancelled"])
+async def test_waiter_in_other_process_takes_over_from_a_failed_holder(
+    make_backend: Callable[..., Backend], outcome: str
+) -> None:
+    backend = make_backend()
+    ns = unique_namespace()
+    one = Cache(backend, namespace=ns, owns_backend=False)
+    two = Cache(backend, namespace=ns, owns_backend=False)
+    gate = asyncio.Event()
+    second_loads = Source("two")
+
+    async def failing() -> str:
+        await gate.wait()
+        raise RuntimeError("holder failed")
+
+    first = asyncio.create_task(one.get_or_set("k", failing))
+    await asyncio.sleep(0.02)
+    second = asyncio.create_task(two.get_or_set("k", second_loads.load))
+    await asyncio.sleep(0.1)
+    if outcome == "raises":
+        gate.set()
+        with pytest.raises(RuntimeError):
+            await first
+    else:
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    assert await asyncio.wait_for(second, 5) == "two"  # woken by the release, loaded itself
+    assert second_loads.loads == 1
+    assert await one.get("k") == "two"
     await one.clear()
 
 

@@ -12,6 +12,7 @@ Quick start::
 
 from tagcache.cache import Cache, EntryView
 from tagcache.codec import Codec, JsonCodec, PickleCodec
+from tagcache.decorator import CachedFunction
 from tagcache.exceptions import (
     BackendError,
     ConfigurationError,
@@ -20,25 +21,33 @@ from tagcache.exceptions import (
     InvalidTTLError,
     SerializationError,
     TagCacheError,
+    UnsupportedArgumentError,
     ValueTooLargeError,
 )
 from tagcache.stats import CacheStats
+from tagcache.warming import CacheWarmer, JobReport, JobStats, WarmingReport
 
 __all__ = [
     "BackendError",
     "Cache",
     "CacheStats",
+    "CacheWarmer",
+    "CachedFunction",
     "Codec",
     "ConfigurationError",
     "EntryView",
     "InvalidKeyError",
     "InvalidTTLError",
     "InvalidTagError",
+    "JobReport",
+    "JobStats",
     "JsonCodec",
     "PickleCodec",
     "SerializationError",
     "TagCacheError",
+    "UnsupportedArgumentError",
     "ValueTooLargeError",
+    "WarmingReport",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import re
-from collections.abc import Awaitable, Callable, Iterable
+import struct
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Final, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 from urllib.parse import parse_qsl, urlsplit
 
-from tagcache.backends.base import Backend, NowaitReads
+from tagcache.backends.base import Backend, BackendInfo, Lookup, NowaitReads
 from tagcache.codec import Codec, JsonCodec
 from tagcache.exceptions import (
     ConfigurationError,
@@ -25,14 +29,18 @@ from tagcache.exceptions import (
     TagCacheError,
     ValueTooLargeError,
 )
-from tagcache.stats import CacheStats, Counters
+from tagcache.stats import CacheStats, Counters, note_write
 from tagcache.tags import MAX_KEY_LENGTH, check_key, check_tags, ttl_seconds
 
-__all__ = ["Cache", "EntryView"]
+if TYPE_CHECKING:
+    from tagcache.decorator import CachedFunction
+
+__all__ = ["Cache", "EntryView", "LoadPolicy"]
 
 logger: Final = logging.getLogger("tagcache")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 D = TypeVar("D")
 
 _NAMESPACE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -69,6 +77,80 @@ class EntryView:
     valid: bool
     #: Why the payload could not be decoded, if it could not.
     error: str | None = None
+
+
+# Entries written with stale-while-revalidate or early refresh carry an envelope:
+# this marker byte, then the logical expiry (Unix time) and the load duration
+# (seconds) as two little-endian doubles, then the codec's payload. Codec
+# payloads never start with this byte.
+_ENVELOPE: Final = b"\x05"
+_ENVELOPE_BYTE: Final = 0x05
+_META: Final = struct.Struct("<dd")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPolicy:
+    """How a read-through load behaves (compiled once per decorated function)."""
+
+    #: Wait for another caller's lease instead of loading too (cross-process stampede protection).
+    lock: bool = True
+    #: Seconds after expiry during which the stale value is served while one caller refreshes it.
+    stale_while_revalidate: float = 0.0
+    #: Probabilistic early refresh (XFetch) before expiry.
+    early_refresh: bool = False
+    #: XFetch's beta: above 1 refreshes earlier, below 1 later.
+    beta: float = 1.0
+    #: Fraction of the TTL removed at random from each write, so entries written
+    #: together do not expire together.
+    jitter: float = 0.0
+    #: On backend failure, call the loader directly instead of raising.
+    fail_open: bool = False
+
+    @property
+    def envelope(self) -> bool:
+        """Whether entries need their expiry and load time stored beside the value."""
+        return self.stale_while_revalidate > 0 or self.early_refresh
+
+    def physical_ttl(self, seconds: float | None, delta: float) -> float | None:
+        """How long the backend keeps an entry whose value took ``delta`` seconds to compute:
+        the TTL, plus the stale window, plus (with early refresh) a grace of twice the
+        compute time (at most a tenth of the TTL) in which a refresh that started just
+        before expiry can finish while the current value is still served."""
+        if seconds is None:
+            return None
+        grace = min(2.0 * delta + 0.01, 0.1 * seconds) if self.early_refresh else 0.0
+        return seconds + max(self.stale_while_revalidate, grace)
+
+    def jittered(self, seconds: float | None) -> float | None:
+        """``seconds`` less a random fraction (up to ``jitter``) of it."""
+        if seconds is None or not self.jitter:
+            return seconds
+        return seconds * (1.0 - self.jitter * random.random())
+
+    def due(self, expires_at: float, delta: float) -> bool:
+        """Whether an entry expiring at ``expires_at`` should be refreshed now."""
+        now = time.time()
+        if now >= expires_at:
+            return True  # stale: served within the stale window, refreshed in the background
+        if self.early_refresh:
+            # XFetch: refresh with a probability growing as expiry nears,
+            # earlier for values that take long (delta) to compute.
+            return now - delta * self.beta * math.log(1.0 - random.random()) >= expires_at
+        return False
+
+
+_DEFAULT_POLICY: Final = LoadPolicy()
+
+
+def _wrap(payload: bytes, seconds: float, delta: float) -> bytes:
+    return _ENVELOPE + _META.pack(time.time() + seconds, delta) + payload
+
+
+def _strip(payload: bytes) -> bytes:
+    """The codec payload inside an (optional) envelope."""
+    if payload[:1] == _ENVELOPE:
+        return payload[_META.size + 1 :]
+    return payload
 
 
 class _Abandoned(Exception):
@@ -157,6 +239,8 @@ class Cache:
         self._counters = Counters()
         self._flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._refreshing: set[str] = set()
+        self._incident = False
         self._closed = False
 
     # ------------------------------------------------------------------ construction
@@ -307,6 +391,8 @@ class Cache:
                 raise
         if payload is not None:
             try:
+                if payload[0] == _ENVELOPE_BYTE:  # IndexError for b"": corrupt
+                    payload = payload[_META.size + 1 :]
                 value = self._decode_payload(payload)
             except Exception as exc:
                 self._corrupt(key, exc)
@@ -324,7 +410,7 @@ class Cache:
         if info is None:
             return None
         try:
-            value = self._codec.decode(info.payload)
+            value = self._codec.decode(_strip(info.payload))
         except Exception as exc:
             self._counters.errors += 1
             return EntryView(None, info.ttl, info.tags, False, error=str(exc))
@@ -373,6 +459,7 @@ class Cache:
             return
         await self._backend.set(self._ns, key, payload, seconds, tag_tuple)
         self._counters.sets += 1
+        note_write()
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``; return whether it was stored. An in-flight
@@ -408,6 +495,68 @@ class Cache:
         self._flights.clear()
         return await self._backend.clear(self._ns)
 
+    # ------------------------------------------------------------------ decorator
+
+    def cached(
+        self,
+        ttl: float | timedelta | _Unset | None = _UNSET,
+        *,
+        key: str | None = None,
+        tags: Sequence[str] | Callable[..., Iterable[str]] | None = None,
+        ignore: Iterable[str] = (),
+        stale_while_revalidate: float | timedelta = 0,
+        early_refresh: bool = False,
+        beta: float = 1.0,
+        jitter: float = 0.05,
+        lock: bool = True,
+        fail_open: bool = True,
+    ) -> Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]:
+        """Cache an async function's results::
+
+            @cache.cached(ttl=600, tags=["users", "user:{user_id}"])
+            async def get_user(user_id: int) -> User: ...
+
+        Args:
+            ttl: seconds or ``timedelta``; ``None`` for no expiry; omitted: the cache's ``default_ttl``.
+            key: a key template such as ``"feed:{user.id}:{page}"``; by default the key is
+                ``module.qualname:`` plus a hash of the bound arguments (stable across processes).
+            tags: templates formatted from the arguments (``"user:{user_id}"``), or a callable
+                ``tags(result, **arguments)`` returning the tags of a result.
+            ignore: parameters left out of the key (a database session, say).
+            stale_while_revalidate: seconds after expiry during which the stale value is
+                returned at once while one caller refreshes it in the background.
+            early_refresh: refresh a hot entry shortly before it expires (XFetch), so the
+                hit ratio does not dip at expiry; ``beta`` above 1 refreshes earlier.
+            jitter: fraction of the TTL taken off at random per write (default 5%), so
+                entries written together do not expire together.
+            lock: on a miss, wait for another process that is already computing the
+                value (default); ``False`` computes it here too (for cheap functions).
+            fail_open: if the backend fails, call the function directly and return its
+                result (logged once per incident, counted in ``stats().errors``);
+                ``False`` raises :class:`~tagcache.BackendError`.
+
+        The wrapper has ``invalidate(*args)``, ``refresh(*args)``, ``key_for(*args)``
+        and ``__wrapped__``. Background refreshes (stale-while-revalidate, early
+        refresh) call the function in a task of their own, with the same
+        arguments: pass resources that outlive the request (an engine or a
+        session factory, not a request's session) to functions using them.
+        """
+        from tagcache.decorator import DEFAULT, make_decorator
+
+        return make_decorator(
+            self,
+            ttl=DEFAULT if ttl is _UNSET else ttl,
+            key=key,
+            tags=tags,
+            ignore=ignore,
+            stale_while_revalidate=stale_while_revalidate,
+            early_refresh=early_refresh,
+            beta=beta,
+            jitter=jitter,
+            lock=lock,
+            fail_open=fail_open,
+        )
+
     # ------------------------------------------------------------------ get_or_set
 
     async def get_or_set(
@@ -424,41 +573,98 @@ class Cache:
         read from the source before an invalidation is never served after
         :meth:`invalidate_tags` returned.
 
-        Stampede-safe within the process: concurrent callers of the same key
-        wait for one load (run in the first caller's task, so it may use that
+        Stampede-safe: concurrent callers of the same key in the process wait
+        for one load (run in the first caller's task, so it may use that
         task's resources such as a database session). If that caller is
         cancelled, a waiter takes over; if the loader raises, every waiter gets
         the same exception and nothing is cached. Across processes a lease
-        lets one caller fill the key; a caller that finds the lease held by
-        another process loads the value itself without storing it.
+        lets one caller fill the key while callers elsewhere wait for its
+        value (woken by a notification, not by polling) and take over if the
+        lease holder fails or its lease (``lease_ttl``) expires.
         """
         key = self._key(key)
         seconds = self._ttl(ttl)
         tag_tuple = check_tags(tags)
+        return await self._load(key, loader, seconds, tag_tuple, _DEFAULT_POLICY)
+
+    async def _load(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[T]],
+        seconds: float | None,
+        tags: tuple[str, ...],
+        policy: LoadPolicy,
+        result_tags: Callable[[T], Iterable[str]] | None = None,
+    ) -> T:
+        """The read-through path shared by :meth:`get_or_set` and the decorator."""
+        counters = self._counters
         if _DISABLED.get():
-            self._counters.misses += 1
+            counters.misses += 1
             return await loader()
         backend, ns = self._backend, self._ns
         while True:
-            lookup = await backend.fetch(ns, key, tag_tuple, self._lease_ttl)
-            if lookup.payload is not None:
-                ok, value = self._decode(key, lookup.payload)
-                if ok:
-                    self._counters.hits += 1
-                    return value  # type: ignore[no-any-return]  # decoded payload of a T stored by loader
+            try:
+                lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
+            except TagCacheError as exc:
+                if not policy.fail_open:
+                    counters.errors += 1
+                    raise
+                self._backend_failed(exc)
+                return await loader()
+            if self._incident:
+                self._backend_recovered()
+            payload = lookup.payload
+            if payload is not None:
+                if payload[:1] == _ENVELOPE:
+                    expires_at, delta = _META.unpack_from(payload, 1)
+                    ok, value = self._decode(key, payload[_META.size + 1 :])
+                    if ok:
+                        counters.hits += 1
+                        if expires_at and policy.due(expires_at, delta):
+                            self._refresh_soon(key, loader, seconds, tags, policy, result_tags)
+                        return value  # type: ignore[no-any-return]  # decoded payload of a T stored by loader
+                else:
+                    ok, value = self._decode(key, payload)
+                    if ok:
+                        counters.hits += 1
+                        return value  # type: ignore[no-any-return]  # as above
                 # Corrupt or foreign payload: drop it and read again (now a miss).
                 await backend.delete(ns, key)
                 continue
-            self._counters.misses += 1
+            counters.misses += 1
             flight = self._flights.get(key)
-            if flight is not None and flight.tags == tag_tuple and flight.tokens == lookup.tokens:
+            if flight is not None and flight.tags == tags and flight.tokens == lookup.tokens:
                 # No invalidation of these tags since that load began: share it.
                 try:
-                    payload = await asyncio.shield(flight.future)
+                    shared = await asyncio.shield(flight.future)
                 except _Abandoned:
                     continue
-                return self._codec.decode(payload)  # type: ignore[no-any-return]  # same as above
-            return await self._lead(key, loader, seconds, tag_tuple, lookup.tokens, lookup.lease)
+                return self._decode_payload(_strip(shared))  # type: ignore[no-any-return]  # as above
+            if lookup.lease is None and policy.lock:
+                # Another caller (in another process, or one that started before
+                # an invalidation) holds the lease: wait for its value.
+                own = await self._await_fill(key, tags)
+                if own is None:
+                    continue
+                lookup = own
+            return await self._lead(key, loader, seconds, tags, policy, result_tags, lookup)
+
+    async def _await_fill(self, key: str, tags: tuple[str, ...]) -> Lookup | None:
+        """Wait, without polling, until the key's lease holder fills or gives up.
+
+        Returns a miss with this caller's own lease when it may load now, or
+        ``None`` when the caller should read the key again.
+        """
+        backend, ns = self._backend, self._ns
+        async with backend.watch(ns, key) as watch:
+            # Read again now that the watch is ready: the fill may have happened already.
+            lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
+            if lookup.payload is not None:
+                return None
+            if lookup.lease is not None:
+                return lookup
+            await watch.wait(self._lease_ttl)
+        return None
 
     async def _lead(
         self,
@@ -466,16 +672,23 @@ class Cache:
         loader: Callable[[], Awaitable[T]],
         seconds: float | None,
         tags: tuple[str, ...],
-        tokens: tuple[str, ...],
-        lease: str | None,
+        policy: LoadPolicy,
+        result_tags: Callable[[T], Iterable[str]] | None,
+        lookup: Lookup,
     ) -> T:
-        backend, ns = self._backend, self._ns
-        flight = _Flight(tags, tokens)
+        flight = _Flight(tags, lookup.tokens)
         self._flights[key] = flight
+        lease = lookup.lease
         try:
             try:
+                started = time.monotonic()
                 value = await loader()
+                delta = time.monotonic() - started
                 payload = self._encode(key, value)
+                seconds = policy.jittered(seconds)
+                if policy.envelope and seconds is not None:
+                    payload = _wrap(payload, seconds, delta)
+                seconds = policy.physical_ttl(seconds, delta)
             except asyncio.CancelledError:
                 # Wake the waiters only once the lease is released, so one of
                 # them can take it and load in its own task.
@@ -491,11 +704,121 @@ class Cache:
             if self._flights.get(key) is flight:
                 del self._flights[key]
         if lease is not None:
-            if seconds == 0:
-                await self._release(key, lease)
-            elif await backend.fill(ns, key, payload, seconds, tags, tokens, lease):
-                self._counters.sets += 1
+            await self._store(key, payload, value, seconds, tags, lookup.tokens, lease, policy, result_tags)
         return value
+
+    async def _store(
+        self,
+        key: str,
+        payload: bytes,
+        value: T,
+        seconds: float | None,
+        tags: tuple[str, ...],
+        tokens: tuple[str, ...],
+        lease: str,
+        policy: LoadPolicy,
+        result_tags: Callable[[T], Iterable[str]] | None,
+    ) -> bool:
+        """Compare-and-set ``payload`` under ``lease`` for ``seconds`` (the physical TTL);
+        return whether it was stored."""
+        backend, ns = self._backend, self._ns
+        if seconds == 0:
+            await self._release(key, lease)
+            return False
+        try:
+            if result_tags is not None:
+                extra = tuple(t for t in check_tags(result_tags(value)) if t not in tags)
+                if extra:
+                    # Tags known only from the result: their tokens are read now.
+                    current = await backend.lease(ns, key, extra, self._lease_ttl)
+                    tags, tokens = tags + extra, tokens + current.tokens
+            stored = await backend.fill(ns, key, payload, seconds, tags, tokens, lease)
+        except TagCacheError as exc:
+            if not policy.fail_open:
+                self._counters.errors += 1
+                raise
+            self._backend_failed(exc)
+            return False
+        if stored:
+            self._counters.sets += 1
+            note_write()
+        return stored
+
+    def _refresh_soon(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[T]],
+        seconds: float | None,
+        tags: tuple[str, ...],
+        policy: LoadPolicy,
+        result_tags: Callable[[T], Iterable[str]] | None,
+    ) -> None:
+        """Refresh ``key`` in the background, once per process; the lease makes it once overall."""
+        if key in self._refreshing or self._closed:
+            return
+        self._refreshing.add(key)
+        self._spawn(self._refresh(key, loader, seconds, tags, policy, result_tags))
+
+    async def _refresh(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[T]],
+        seconds: float | None,
+        tags: tuple[str, ...],
+        policy: LoadPolicy,
+        result_tags: Callable[[T], Iterable[str]] | None,
+    ) -> None:
+        try:
+            await self._recompute(key, loader, seconds, tags, policy, result_tags)
+        except Exception:
+            self._counters.errors += 1
+            logger.warning("tagcache: background refresh of key %r failed", key, exc_info=True)
+        finally:
+            self._refreshing.discard(key)
+
+    async def _recompute(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[T]],
+        seconds: float | None,
+        tags: tuple[str, ...],
+        policy: LoadPolicy,
+        result_tags: Callable[[T], Iterable[str]] | None,
+    ) -> T | None:
+        """Run ``loader`` and store its value if this caller gets the key's lease.
+
+        Returns the value, or ``None`` without running the loader when another
+        caller holds the lease (it is refreshing the key already).
+        """
+        lookup = await self._backend.lease(self._ns, key, tags, self._lease_ttl)
+        if lookup.lease is None:
+            return None
+        lease = lookup.lease
+        try:
+            started = time.monotonic()
+            value = await loader()
+            delta = time.monotonic() - started
+            payload = self._encode(key, value)
+            seconds = policy.jittered(seconds)
+            if policy.envelope and seconds is not None:
+                payload = _wrap(payload, seconds, delta)
+            seconds = policy.physical_ttl(seconds, delta)
+        except BaseException:
+            self._spawn(self._release(key, lease))
+            raise
+        await self._store(key, payload, value, seconds, tags, lookup.tokens, lease, policy, result_tags)
+        return value
+
+    def _backend_failed(self, exc: BaseException) -> None:
+        """Count a backend failure; log it once per incident (until the backend answers again)."""
+        self._counters.errors += 1
+        if not self._incident:
+            self._incident = True
+            logger.error("tagcache: backend failing, calling functions directly: %s", exc)
+
+    def _backend_recovered(self) -> None:
+        self._incident = False
+        logger.warning("tagcache: backend answering again")
 
     async def _release(self, key: str, lease: str) -> None:
         try:
@@ -512,7 +835,7 @@ class Cache:
             if not flight.future.done():
                 flight.future.set_exception(_Abandoned())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -520,8 +843,16 @@ class Cache:
     # ------------------------------------------------------------------ stats & lifecycle
 
     async def stats(self) -> CacheStats:
-        """Return this cache's counters and the backend's figures (memory, keys, evictions)."""
-        return CacheStats.from_counters(self._counters, await self._backend.info())
+        """Return this cache's counters and the backend's figures (memory, keys, evictions).
+
+        If the backend cannot be reached, its figures are ``None`` and
+        ``backend["error"]`` says why; the counters are still reported.
+        """
+        try:
+            info = await self._backend.info()
+        except TagCacheError as exc:
+            info = BackendInfo(extra={"error": str(exc)})
+        return CacheStats.from_counters(self._counters, info)
 
     def reset_stats(self) -> None:
         """Set this cache's counters back to zero."""

@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from tagcache.backends.base import BackendInfo
 
-__all__ = ["CacheStats", "Counters"]
+__all__ = ["CacheStats", "Counters", "WriteCount", "count_writes", "note_write"]
+
+
+class WriteCount:
+    """Entries written by any cache inside a :func:`count_writes` block."""
+
+    __slots__ = ("written",)
+
+    def __init__(self) -> None:
+        self.written = 0
+
+
+_WRITES: Final[ContextVar[WriteCount | None]] = ContextVar("tagcache_writes", default=None)
+
+
+@contextmanager
+def count_writes() -> Iterator[WriteCount]:
+    """Count the entries every cache stores inside the block (in this context and
+    the tasks it starts). Used by :class:`tagcache.CacheWarmer` for its reports."""
+    counter = WriteCount()
+    token = _WRITES.set(counter)
+    try:
+        yield counter
+    finally:
+        _WRITES.reset(token)
+
+
+def note_write() -> None:
+    """Record one stored entry in the innermost :func:`count_writes` block, if any."""
+    counter = _WRITES.get()
+    if counter is not None:
+        counter.written += 1
 
 
 class Counters:

@@ -1,0 +1,246 @@
+"""``@cache.cached``: read-through caching of async functions.
+
+The decorated function keeps its signature and type hints (``ParamSpec``),
+so FastAPI's dependency injection and editors see the original. Each call
+builds a stable key from the function and its bound arguments
+(:mod:`tagcache.keys`) and goes through the cache's read-through path: one
+round trip on a hit; on a miss the tag tokens are read and a lease taken
+before the function runs, and its result is stored only if none of its tags
+was invalidated meanwhile. Concurrent callers share one call (in the
+process) or wait for the lease holder's value (across processes).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from tagcache.cache import LoadPolicy
+from tagcache.exceptions import ConfigurationError
+from tagcache.keys import KeyBuilder, TagTemplates
+from tagcache.tags import check_tags, ttl_seconds
+
+if TYPE_CHECKING:
+    from tagcache.cache import Cache
+
+__all__ = ["CachedFunction"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: ``tags=``: templates formatted from the arguments, or a callable of the result and the arguments.
+TagsSpec = Sequence[str] | Callable[..., Iterable[str]] | None
+
+
+class CachedFunction(Generic[P, R]):
+    """An async function whose results are cached. Call it like the original.
+
+    Handles: :meth:`invalidate` (drop the entry for some arguments),
+    :meth:`refresh` (recompute and store now), :meth:`key_for` (the key, for
+    debugging and management) and ``__wrapped__`` (the original function).
+    """
+
+    def __init__(
+        self,
+        cache: Cache,
+        func: Callable[P, Awaitable[R]],
+        *,
+        ttl: float | None,
+        key: str | None,
+        tags: TagsSpec,
+        ignore: Iterable[str],
+        policy: LoadPolicy,
+        kind: str = "function",
+    ) -> None:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"@cache.cached needs an async function, got {getattr(func, '__qualname__', func)!r}; "
+                "declare it with 'async def'"
+            )
+        self._cache = cache
+        self._func = func
+        self._ttl = ttl
+        self._policy = policy
+        self._kind = kind
+        self._keys = KeyBuilder(func, key=key, ignore=ignore)
+        self._result_tags_fn: Callable[..., Iterable[str]] | None = None
+        if callable(tags):
+            self._tag_templates = TagTemplates(func, ())
+            self._result_tags_fn = tags
+        else:  # TagTemplates rejects a bare string and checks the static tags
+            self._tag_templates = TagTemplates(func, () if tags is None else tags)
+        templates = self._tag_templates
+        # Tags without fields are validated once; templated ones per call.
+        self._static_tags = check_tags(templates()) if templates.static else None
+        functools.update_wrapper(self, func)  # __name__, __doc__, __wrapped__, ...
+
+    # ------------------------------------------------------------------ calling
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Return the cached result for these arguments, calling the function on a miss."""
+        tags = self._static_tags
+        result_tags = None
+        if tags is not None and self._result_tags_fn is None:
+            key = self._keys(args, kwargs)  # the hot path: no argument mapping needed
+        else:
+            key, tags, result_tags = self._prepare(args, kwargs)
+        func = self._func
+
+        def load() -> Awaitable[R]:
+            return func(*args, **kwargs)
+
+        return await self._cache._load(key, load, self._ttl, tags, self._policy, result_tags)
+
+    def _prepare(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[str, tuple[str, ...], Callable[[R], Iterable[str]] | None]:
+        """Key, tags and result-tags function for a call whose tags need its arguments."""
+        key, arguments = self._keys.key_and_arguments(args, kwargs)
+        tags = self._static_tags
+        if tags is None:
+            tags = check_tags(self._tag_templates(arguments))
+        result_tags = None
+        if self._result_tags_fn is not None:
+            fn = self._result_tags_fn
+
+            def result_tags(result: R) -> Iterable[str]:
+                return fn(result, **arguments)
+
+        return key, tags, result_tags
+
+    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The cache key of a call with these arguments (no call is made)."""
+        return self._keys(args, kwargs)
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop the cached entry for these arguments; return whether one was stored."""
+        return await self._cache.delete(self._keys(args, kwargs))
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function now and store its result, even if an entry is present.
+
+        The write is the same compare-and-set as on a miss, so a refresh (for
+        example by a :class:`~tagcache.CacheWarmer`) never stores data older
+        than an invalidation. If another caller holds the key's lease the
+        result is returned without being stored.
+        """
+        key, tags, result_tags = self._prepare(args, kwargs)
+        func = self._func
+
+        def load() -> Awaitable[R]:
+            return func(*args, **kwargs)
+
+        value = await self._cache._recompute(key, load, self._ttl, tags, self._policy, result_tags)
+        if value is None:  # another caller is refreshing: compute without storing
+            return await func(*args, **kwargs)
+        return value
+
+    # ------------------------------------------------------------------ methods
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """Bind like the function it wraps: to the instance (methods), the class
+        (classmethods) or nothing (staticmethods)."""
+        if self._kind == "static":
+            return self
+        target = owner if self._kind == "class" else instance
+        if target is None:
+            return self
+        return _BoundCached(self, target)
+
+    def __repr__(self) -> str:
+        return f"<cached {self._func.__module__}.{self._func.__qualname__}>"
+
+
+class _BoundCached:
+    """A :class:`CachedFunction` bound to an instance or class, like a bound method."""
+
+    __slots__ = ("__self__", "_cached")
+
+    def __init__(self, cached: CachedFunction[Any, Any], target: object) -> None:
+        self._cached = cached
+        self.__self__ = target
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._cached(self.__self__, *args, **kwargs)
+
+    def key_for(self, *args: Any, **kwargs: Any) -> str:
+        """The cache key of a call with these arguments."""
+        return self._cached.key_for(self.__self__, *args, **kwargs)
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        """Drop the cached entry for these arguments."""
+        return await self._cached.invalidate(self.__self__, *args, **kwargs)
+
+    async def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        """Recompute and store the entry for these arguments."""
+        return await self._cached.refresh(self.__self__, *args, **kwargs)
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self._cached.__wrapped__  # type: ignore[attr-defined]  # set by functools.update_wrapper
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cached, name)
+
+
+def make_decorator(
+    cache: Cache,
+    *,
+    ttl: float | timedelta | object | None,
+    key: str | None,
+    tags: TagsSpec,
+    ignore: Iterable[str],
+    stale_while_revalidate: float | timedelta,
+    early_refresh: bool,
+    beta: float,
+    jitter: float,
+    lock: bool,
+    fail_open: bool,
+) -> Callable[[Any], Any]:
+    """Validate ``@cache.cached`` options once and return the decorator."""
+    seconds = cache.default_ttl if ttl is DEFAULT else ttl_seconds(ttl)
+    swr = ttl_seconds(stale_while_revalidate, what="stale_while_revalidate") or 0.0
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
+        raise ConfigurationError(f"beta must be a positive number, got {beta!r}")
+    if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or not 0 <= jitter < 1:
+        raise ConfigurationError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
+    if (swr or early_refresh) and seconds is None:
+        raise ConfigurationError(
+            "stale_while_revalidate and early_refresh need a TTL: entries without expiry never go stale"
+        )
+    if isinstance(ignore, str):
+        raise ConfigurationError(f"ignore must be a list of parameter names, got the bare string {ignore!r}")
+    policy = LoadPolicy(
+        lock=bool(lock),
+        stale_while_revalidate=swr,
+        early_refresh=bool(early_refresh),
+        beta=float(beta),
+        jitter=float(jitter),
+        fail_open=bool(fail_open),
+    )
+
+    def decorate(func: Any) -> Any:
+        kind = "function"
+        if isinstance(func, staticmethod):
+            kind, func = "static", func.__func__
+        elif isinstance(func, classmethod):
+            kind, func = "class", func.__func__
+        return CachedFunction(
+            cache, func, ttl=seconds, key=key, tags=tags, ignore=ignore, policy=policy, kind=kind
+        )
+
+    return decorate
+
+
+class _Default:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+#: ``ttl`` not given: the cache's ``default_ttl``.
+DEFAULT: Any = _Default()
