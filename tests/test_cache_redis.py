@@ -53,6 +53,14 @@ async def test_round_trips_on_the_wire(redis_url: str) -> None:
         assert await turns(cache.get("k")) == 1
         assert await cache.get("k") is None
         await cache.set("k", 1)
+
+        @cache.cached(ttl=60, tags=["user:{user_id}"])
+        async def get_user(user_id: int) -> dict[str, int]:
+            return {"id": user_id}
+
+        await get_user(0)  # warm-up
+        assert await turns(get_user(1)) == 3  # read, snapshot + lease, fill
+        assert await turns(get_user(1)) == 1  # a decorated hit is one round trip
         # Concurrent reads in one tick share round trips: far fewer turns than reads.
         proxy.reset()
         await asyncio.gather(*(cache.get("k") for _ in range(50)))

@@ -305,6 +305,10 @@ class FailingBackend(MemoryBackend):
         if self.failing:
             raise BackendError("Redis fetch failed: ConnectionError: refused")
 
+    def get_nowait(self, ns: str, key: str) -> bytes | None:
+        self._check()
+        return super().get_nowait(ns, key)
+
     async def fetch(self, *args: Any) -> Any:
         self._check()
         return await super().fetch(*args)

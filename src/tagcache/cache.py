@@ -105,6 +105,9 @@ class LoadPolicy:
     jitter: float = 0.0
     #: On backend failure, call the loader directly instead of raising.
     fail_open: bool = False
+    #: Try a plain read before the snapshot read: hits are as cheap as ``get``, a
+    #: miss costs one more round trip (read, snapshot and lease, fill).
+    read_first: bool = True
 
     @property
     def envelope(self) -> bool:
@@ -139,7 +142,9 @@ class LoadPolicy:
         return False
 
 
-_DEFAULT_POLICY: Final = LoadPolicy()
+_DEFAULT_POLICY: Final = LoadPolicy(read_first=False)
+#: Returned by Cache._hit for a payload that could not be decoded.
+_MISS: Final = object()
 
 
 def _wrap(payload: bytes, seconds: float, delta: float) -> bytes:
@@ -602,6 +607,24 @@ class Cache:
             counters.misses += 1
             return await loader()
         backend, ns = self._backend, self._ns
+        if policy.read_first:
+            # A plain read first: hits take the backend's fastest path (batched
+            # with concurrent reads); only a miss pays for the snapshot below.
+            try:
+                nowait = self._get_nowait
+                payload = nowait(ns, key) if nowait is not None else await self._backend_get(ns, key)
+            except TagCacheError as exc:
+                if not policy.fail_open:
+                    counters.errors += 1
+                    raise
+                self._backend_failed(exc)
+                return await loader()
+            if self._incident:
+                self._backend_recovered()
+            if payload is not None:
+                found = self._hit(key, payload, loader, seconds, tags, policy, result_tags)
+                if found is not _MISS:
+                    return found  # type: ignore[no-any-return]  # decoded payload of a T stored by loader
         while True:
             try:
                 lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
@@ -613,21 +636,10 @@ class Cache:
                 return await loader()
             if self._incident:
                 self._backend_recovered()
-            payload = lookup.payload
-            if payload is not None:
-                if payload[:1] == _ENVELOPE:
-                    expires_at, delta = _META.unpack_from(payload, 1)
-                    ok, value = self._decode(key, payload[_META.size + 1 :])
-                    if ok:
-                        counters.hits += 1
-                        if expires_at and policy.due(expires_at, delta):
-                            self._refresh_soon(key, loader, seconds, tags, policy, result_tags)
-                        return value  # type: ignore[no-any-return]  # decoded payload of a T stored by loader
-                else:
-                    ok, value = self._decode(key, payload)
-                    if ok:
-                        counters.hits += 1
-                        return value  # type: ignore[no-any-return]  # as above
+            if lookup.payload is not None:
+                found = self._hit(key, lookup.payload, loader, seconds, tags, policy, result_tags)
+                if found is not _MISS:
+                    return found  # type: ignore[no-any-return]  # as above
                 # Corrupt or foreign payload: drop it and read again (now a miss).
                 await backend.delete(ns, key)
                 continue
@@ -648,6 +660,32 @@ class Cache:
                     continue
                 lookup = own
             return await self._lead(key, loader, seconds, tags, policy, result_tags, lookup)
+
+    def _hit(
+        self,
+        key: str,
+        payload: bytes,
+        loader: Callable[[], Awaitable[T]],
+        seconds: float | None,
+        tags: tuple[str, ...],
+        policy: LoadPolicy,
+        result_tags: Callable[[T], Iterable[str]] | None,
+    ) -> Any:
+        """Decode a hit, starting a background refresh when it is stale or due for early
+        refresh; :data:`_MISS` when the payload is corrupt (counted and logged)."""
+        if payload[:1] == _ENVELOPE:
+            expires_at, delta = _META.unpack_from(payload, 1)
+            ok, value = self._decode(key, payload[_META.size + 1 :])
+            if not ok:
+                return _MISS
+            if expires_at and policy.due(expires_at, delta):
+                self._refresh_soon(key, loader, seconds, tags, policy, result_tags)
+        else:
+            ok, value = self._decode(key, payload)
+            if not ok:
+                return _MISS
+        self._counters.hits += 1
+        return value
 
     async def _await_fill(self, key: str, tags: tuple[str, ...]) -> Lookup | None:
         """Wait, without polling, until the key's lease holder fills or gives up.
