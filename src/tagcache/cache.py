@@ -719,14 +719,7 @@ class Cache:
         lease = lookup.lease
         try:
             try:
-                started = time.monotonic()
-                value = await loader()
-                delta = time.monotonic() - started
-                payload = self._encode(key, value)
-                seconds = policy.jittered(seconds)
-                if policy.envelope and seconds is not None:
-                    payload = _wrap(payload, seconds, delta)
-                seconds = policy.physical_ttl(seconds, delta)
+                value, payload, seconds = await self._compute(key, loader, seconds, policy)
             except asyncio.CancelledError:
                 # Wake the waiters only once the lease is released, so one of
                 # them can take it and load in its own task.
@@ -744,6 +737,19 @@ class Cache:
         if lease is not None:
             await self._store(key, payload, value, seconds, tags, lookup.tokens, lease, policy, result_tags)
         return value
+
+    async def _compute(
+        self, key: str, loader: Callable[[], Awaitable[T]], seconds: float | None, policy: LoadPolicy
+    ) -> tuple[T, bytes, float | None]:
+        """Run ``loader``; return its value, the payload to store and the physical TTL."""
+        started = time.monotonic()
+        value = await loader()
+        delta = time.monotonic() - started
+        payload = self._encode(key, value)
+        seconds = policy.jittered(seconds)
+        if policy.envelope and seconds is not None:
+            payload = _wrap(payload, seconds, delta)
+        return value, payload, policy.physical_ttl(seconds, delta)
 
     async def _store(
         self,
@@ -833,14 +839,7 @@ class Cache:
             return None
         lease = lookup.lease
         try:
-            started = time.monotonic()
-            value = await loader()
-            delta = time.monotonic() - started
-            payload = self._encode(key, value)
-            seconds = policy.jittered(seconds)
-            if policy.envelope and seconds is not None:
-                payload = _wrap(payload, seconds, delta)
-            seconds = policy.physical_ttl(seconds, delta)
+            value, payload, seconds = await self._compute(key, loader, seconds, policy)
         except BaseException:
             self._spawn(self._release(key, lease))
             raise

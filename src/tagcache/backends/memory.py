@@ -29,13 +29,13 @@ woken directly by the ``fill``, ``release``, ``set`` or ``delete`` of the key.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from tagcache.backends._signals import KeySignal, SignalWatch
 from tagcache.backends.base import BackendInfo, EntryInfo, FillWatch, Lookup
 from tagcache.exceptions import ConfigurationError
 from tagcache.tags import glob_to_regex, new_token
@@ -108,87 +108,6 @@ class _Entry:
 _Record = _Entry | _Token | _Lease
 
 
-class _KeySignal:
-    """The fill signals of one watched key: a generation counter and the future
-    its current waiters await (replaced at each signal)."""
-
-    __slots__ = ("future", "gen", "refs")
-
-    def __init__(self) -> None:
-        self.gen = 0
-        self.future: asyncio.Future[None] | None = None
-        # Watches entered on the key; the record is dropped when none is left.
-        self.refs = 0
-
-    def fire(self) -> None:
-        self.gen += 1
-        fut = self.future
-        if fut is not None:
-            self.future = None
-            if not fut.done():
-                fut.set_result(None)
-
-
-class _MemoryFillWatch:
-    """A :class:`~tagcache.backends.base.FillWatch` on one key of a :class:`MemoryBackend`."""
-
-    __slots__ = ("_backend", "_id", "_seen", "_signal")
-
-    def __init__(self, backend: MemoryBackend, ns: str, key: str) -> None:
-        self._backend = backend
-        self._id = (ns, key)
-        self._signal: _KeySignal | None = None
-        self._seen = 0
-
-    async def __aenter__(self) -> _MemoryFillWatch:
-        """Register interest in the key (nothing to make ready in process)."""
-        if self._signal is not None:
-            raise RuntimeError("this watch is already entered")
-        watched = self._backend._watched
-        signal = watched.get(self._id)
-        if signal is None:
-            signal = watched[self._id] = _KeySignal()
-        signal.refs += 1
-        self._signal = signal
-        self._seen = signal.gen
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Drop the interest in the key."""
-        signal, self._signal = self._signal, None
-        if signal is None:
-            return
-        signal.refs -= 1
-        if signal.refs <= 0:
-            watched = self._backend._watched
-            if watched.get(self._id) is signal:
-                del watched[self._id]
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait until the key is signalled since the watch was entered (or since the
-        previous ``wait`` returned ``True``); ``False`` after ``timeout`` seconds without.
-
-        Also returns ``True`` when the backend is closed.
-        """
-        signal = self._signal
-        if signal is None:
-            raise RuntimeError("enter the watch (async with) before waiting")
-        if signal.gen == self._seen and timeout > 0:
-            fut = signal.future
-            if fut is None:
-                fut = signal.future = asyncio.get_running_loop().create_future()
-            await asyncio.wait((fut,), timeout=timeout)
-        if signal.gen != self._seen:
-            self._seen = signal.gen
-            return True
-        return False
-
-
 class _Space:
     """Everything stored for one namespace."""
 
@@ -259,7 +178,7 @@ class MemoryBackend:
         # this long (plus a margin) so it outlives every snapshot of it.
         self._lease_horizon = 0.0
         # (ns, key) -> the signals of a key being watched.
-        self._watched: dict[tuple[str, str], _KeySignal] = {}
+        self._watched: dict[tuple[str, str], KeySignal] = {}
 
     # -- reads -------------------------------------------------------------
 
@@ -336,7 +255,7 @@ class MemoryBackend:
         The next :meth:`fill` or :meth:`release` by the lease holder, or
         :meth:`set` or :meth:`delete` of the key, wakes its watchers.
         """
-        return _MemoryFillWatch(self, ns, key)
+        return SignalWatch(self._watched, (ns, key))
 
     def _miss(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float, now: float) -> Lookup:
         """Snapshot the tokens of ``tags`` (created or extended) and try to take the lease on ``key``."""

@@ -56,6 +56,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from tagcache.backends._signals import KeySignal, SignalWatch
 from tagcache.backends.base import BackendInfo, EntryInfo, FillWatch, Lookup
 from tagcache.exceptions import BackendError, ConfigurationError
 from tagcache.tags import glob_escape, glob_to_regex
@@ -208,27 +209,6 @@ class _Space:
         self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"[0-9]+\}:([etlw]):(.*)\Z", re.S)
 
 
-class _KeySignal:
-    """The fill signals of one key in this process: a generation counter and the
-    future its current waiters await (replaced at each signal)."""
-
-    __slots__ = ("future", "gen", "refs")
-
-    def __init__(self) -> None:
-        self.gen = 0
-        self.future: asyncio.Future[None] | None = None
-        # Watches entered on the key; the record is dropped when none is left.
-        self.refs = 0
-
-    def fire(self) -> None:
-        self.gen += 1
-        fut = self.future
-        if fut is not None:
-            self.future = None
-            if not fut.done():
-                fut.set_result(None)
-
-
 class _Link:
     """The backend's pub/sub connection, its reader task and its channels
     (channel -> future done when the subscription is confirmed)."""
@@ -241,18 +221,16 @@ class _Link:
         self.channels: dict[bytes, asyncio.Future[None]] = {}
 
 
-class _RedisFillWatch:
+class _RedisFillWatch(SignalWatch[bytes]):
     """A :class:`~tagcache.backends.base.FillWatch` on one key of a :class:`RedisBackend`."""
 
-    __slots__ = ("_backend", "_channel", "_key", "_mark", "_seen", "_signal")
+    __slots__ = ("_backend", "_channel", "_key")
 
     def __init__(self, backend: RedisBackend, key: str, mark: bytes, channel: bytes) -> None:
+        super().__init__(backend._signals, mark)
         self._backend = backend
         self._key = key
-        self._mark = mark
         self._channel = channel
-        self._signal: _KeySignal | None = None
-        self._seen = 0
 
     async def __aenter__(self) -> _RedisFillWatch:
         """Register interest in the key, then make sure the namespace's channel is subscribed.
@@ -262,61 +240,13 @@ class _RedisFillWatch:
 
         :raises BackendError: when the subscription cannot be made.
         """
-        if self._signal is not None:
-            raise RuntimeError("this watch is already entered")
-        signals = self._backend._signals
-        signal = signals.get(self._mark)
-        if signal is None:
-            signal = signals[self._mark] = _KeySignal()
-        signal.refs += 1
-        self._signal = signal
-        self._seen = signal.gen
+        self._join()
         try:
             await self._backend._subscribe(self._channel, self._key)
         except BaseException:
             self._leave()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Drop the interest in the key."""
-        self._leave()
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait until the key is signalled since the watch was entered (or since the
-        previous ``wait`` returned ``True``); ``False`` after ``timeout`` seconds without.
-
-        Sends nothing to Redis. Also returns ``True`` when the pub/sub
-        connection is lost or the backend closed (a signal may have been
-        missed): the caller reads the key again either way.
-        """
-        signal = self._signal
-        if signal is None:
-            raise RuntimeError("enter the watch (async with) before waiting")
-        if signal.gen == self._seen and timeout > 0:
-            fut = signal.future
-            if fut is None:
-                fut = signal.future = asyncio.get_running_loop().create_future()
-            await asyncio.wait((fut,), timeout=timeout)
-        if signal.gen != self._seen:
-            self._seen = signal.gen
-            return True
-        return False
-
-    def _leave(self) -> None:
-        signal, self._signal = self._signal, None
-        if signal is None:
-            return
-        signal.refs -= 1
-        if signal.refs <= 0:
-            signals = self._backend._signals
-            if signals.get(self._mark) is signal:
-                del signals[self._mark]
 
 
 class RedisBackend:
@@ -389,7 +319,7 @@ class RedisBackend:
         # Waiting for fills: the signals of watched keys (by mark key), the
         # pub/sub connection (None until the first watch, or after it broke)
         # and a lock so one watch at a time opens it or subscribes.
-        self._signals: dict[bytes, _KeySignal] = {}
+        self._signals: dict[bytes, KeySignal] = {}
         self._link: _Link | None = None
         self._link_lock = asyncio.Lock()
 
