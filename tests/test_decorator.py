@@ -444,3 +444,53 @@ async def test_other_process_waits_for_the_lease_holder(make_backend: Callable[.
     assert results == [1] * 100
     assert calls.calls == 1
     await one.clear()
+
+
+async def test_lock_false_computes_instead_of_waiting(make_backend: Callable[..., Backend]) -> None:
+    backend = make_backend()
+    ns = unique_namespace("nolock")
+    one = Cache(backend, namespace=ns, owns_backend=False)
+    two = Cache(backend, namespace=ns, owns_backend=False)
+    calls = Counter()
+    gate = asyncio.Event()
+
+    async def body(x: int) -> int:
+        calls.calls += 1
+        await gate.wait()
+        return x
+
+    f_one = one.cached(ttl=60, lock=False)(body)
+    f_two = two.cached(ttl=60, lock=False)(body)
+    first = asyncio.create_task(f_one(1))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(f_two(1))
+    await asyncio.sleep(0.05)
+    assert calls.calls == 2  # the second "process" did not wait
+    gate.set()
+    assert await first == await second == 1
+    await one.clear()
+
+
+async def test_waiter_takes_over_when_the_holder_dies(make_backend: Callable[..., Backend]) -> None:
+    """A holder that never fills nor releases (a dead process): its lease expires and a waiter loads."""
+    backend = make_backend()
+    ns = unique_namespace("dead")
+    holder = Cache(backend, namespace=ns, owns_backend=False, lease_ttl=0.3)
+    waiter = Cache(backend, namespace=ns, owns_backend=False, lease_ttl=0.3)
+    never = asyncio.Event()
+
+    async def hang() -> str:
+        await never.wait()
+        return "never"
+
+    async def load() -> str:
+        return "taken over"
+
+    stuck = asyncio.create_task(holder.get_or_set("k", hang))
+    await asyncio.sleep(0.05)
+    assert await asyncio.wait_for(waiter.get_or_set("k", load), 5) == "taken over"
+    assert await waiter.get("k") == "taken over"
+    stuck.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+    await waiter.clear()
