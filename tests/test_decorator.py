@@ -494,3 +494,35 @@ async def test_waiter_takes_over_when_the_holder_dies(make_backend: Callable[...
     with pytest.raises(asyncio.CancelledError):
         await stuck
     await waiter.clear()
+
+
+async def test_ttl_jitter_spreads_expiries(cache: Cache) -> None:
+    @cache.cached(ttl=100, jitter=0.5)
+    async def f(x: int) -> int:
+        return x
+
+    ttls = []
+    for x in range(20):
+        await f(x)
+        view = await cache.peek(f.key_for(x))
+        assert view is not None
+        assert view.ttl is not None
+        ttls.append(view.ttl)
+    assert all(49 <= t <= 100 for t in ttls)
+    assert max(ttls) - min(ttls) > 5  # not all the same expiry
+
+
+async def test_corrupt_stored_value_is_recomputed(cache: Cache) -> None:
+    calls = Counter()
+
+    @cache.cached(ttl=60)
+    async def f(x: int) -> int:
+        calls.calls += 1
+        return x
+
+    await cache.backend.set(cache.namespace, f.key_for(1), b"\x7fgarbage", 60, ())
+    assert await f(1) == 1
+    assert calls.calls == 1
+    assert await f(1) == 1  # stored properly this time
+    assert calls.calls == 1
+    assert (await cache.stats()).errors >= 1
