@@ -614,10 +614,7 @@ class Cache:
                 nowait = self._get_nowait
                 payload = nowait(ns, key) if nowait is not None else await self._backend_get(ns, key)
             except TagCacheError as exc:
-                if not policy.fail_open:
-                    counters.errors += 1
-                    raise
-                self._backend_failed(exc)
+                self._backend_failed(exc, policy)
                 return await loader()
             if self._incident:
                 self._backend_recovered()
@@ -629,10 +626,7 @@ class Cache:
             try:
                 lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
             except TagCacheError as exc:
-                if not policy.fail_open:
-                    counters.errors += 1
-                    raise
-                self._backend_failed(exc)
+                self._backend_failed(exc, policy)
                 return await loader()
             if self._incident:
                 self._backend_recovered()
@@ -778,10 +772,7 @@ class Cache:
                     tags, tokens = tags + extra, tokens + current.tokens
             stored = await backend.fill(ns, key, payload, seconds, tags, tokens, lease)
         except TagCacheError as exc:
-            if not policy.fail_open:
-                self._counters.errors += 1
-                raise
-            self._backend_failed(exc)
+            self._backend_failed(exc, policy)
             return False
         if stored:
             self._counters.sets += 1
@@ -846,9 +837,12 @@ class Cache:
         await self._store(key, payload, value, seconds, tags, lookup.tokens, lease, policy, result_tags)
         return value
 
-    def _backend_failed(self, exc: BaseException) -> None:
-        """Count a backend failure; log it once per incident (until the backend answers again)."""
+    def _backend_failed(self, exc: TagCacheError, policy: LoadPolicy) -> None:
+        """Count a backend failure; re-raise it unless the policy fails open, in which
+        case log it once per incident (until the backend answers again)."""
         self._counters.errors += 1
+        if not policy.fail_open:
+            raise exc
         if not self._incident:
             self._incident = True
             logger.error("tagcache: backend failing, calling functions directly: %s", exc)
