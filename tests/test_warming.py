@@ -546,6 +546,10 @@ async def test_running_stops_even_when_the_block_raises(cache: Cache) -> None:
 class SequenceRandom(random.Random):
     """A Random whose random() returns the given values in turn."""
 
+    def __new__(cls, values: list[float]) -> SequenceRandom:
+        # random.Random.__new__ seeds from its arguments on Python 3.10: give it none.
+        return super().__new__(cls)
+
     def __init__(self, values: list[float]) -> None:
         super().__init__()
         self._values = iter(values)
