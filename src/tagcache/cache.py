@@ -165,11 +165,12 @@ class _Abandoned(Exception):
 class _Flight:
     """An in-process load of one key that concurrent callers may join."""
 
-    __slots__ = ("future", "tags", "tokens")
+    __slots__ = ("epoch", "future", "tags", "tokens")
 
-    def __init__(self, tags: tuple[str, ...], tokens: tuple[str, ...]) -> None:
+    def __init__(self, tags: tuple[str, ...], lookup: Lookup) -> None:
         self.tags = tags
-        self.tokens = tokens
+        self.tokens = lookup.tokens
+        self.epoch = lookup.epoch
         self.future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         # A flight nobody joined must not log "exception was never retrieved".
         self.future.add_done_callback(_consume)
@@ -639,8 +640,14 @@ class Cache:
                 continue
             counters.misses += 1
             flight = self._flights.get(key)
-            if flight is not None and flight.tags == tags and flight.tokens == lookup.tokens:
-                # No invalidation of these tags since that load began: share it.
+            if (
+                flight is not None
+                and flight.tags == tags
+                and flight.tokens == lookup.tokens
+                and (result_tags is None or flight.epoch == lookup.epoch)
+            ):
+                # No invalidation of these tags since that load began (nor of any
+                # tag, when tags come from the result): share it.
                 try:
                     shared = await asyncio.shield(flight.future)
                 except _Abandoned:
@@ -708,7 +715,7 @@ class Cache:
         result_tags: Callable[[T], Iterable[str]] | None,
         lookup: Lookup,
     ) -> T:
-        flight = _Flight(tags, lookup.tokens)
+        flight = _Flight(tags, lookup)
         self._flights[key] = flight
         lease = lookup.lease
         try:
@@ -729,7 +736,7 @@ class Cache:
             if self._flights.get(key) is flight:
                 del self._flights[key]
         if lease is not None:
-            await self._store(key, payload, value, seconds, tags, lookup.tokens, lease, policy, result_tags)
+            await self._store(key, payload, value, seconds, tags, lookup, lease, policy, result_tags)
         return value
 
     async def _compute(
@@ -752,7 +759,7 @@ class Cache:
         value: T,
         seconds: float | None,
         tags: tuple[str, ...],
-        tokens: tuple[str, ...],
+        lookup: Lookup,
         lease: str,
         policy: LoadPolicy,
         result_tags: Callable[[T], Iterable[str]] | None,
@@ -763,14 +770,18 @@ class Cache:
         if seconds == 0:
             await self._release(key, lease)
             return False
+        tokens, epoch = lookup.tokens, None
         try:
             if result_tags is not None:
                 extra = tuple(t for t in check_tags(result_tags(value)) if t not in tags)
                 if extra:
-                    # Tags known only from the result: their tokens are read now.
+                    # Tags known only from the result could not be snapshot at the
+                    # miss: read their tokens now, and store only if no tag at all
+                    # was invalidated since the miss (the epoch), which covers an
+                    # invalidation of these tags while the value was computed.
                     current = await backend.lease(ns, key, extra, self._lease_ttl)
-                    tags, tokens = tags + extra, tokens + current.tokens
-            stored = await backend.fill(ns, key, payload, seconds, tags, tokens, lease)
+                    tags, tokens, epoch = tags + extra, tokens + current.tokens, lookup.epoch
+            stored = await backend.fill(ns, key, payload, seconds, tags, tokens, lease, epoch)
         except TagCacheError as exc:
             self._backend_failed(exc, policy)
             return False
@@ -834,7 +845,7 @@ class Cache:
         except BaseException:
             self._spawn(self._release(key, lease))
             raise
-        await self._store(key, payload, value, seconds, tags, lookup.tokens, lease, policy, result_tags)
+        await self._store(key, payload, value, seconds, tags, lookup, lease, policy, result_tags)
         return value
 
     def _backend_failed(self, exc: TagCacheError, policy: LoadPolicy) -> None:

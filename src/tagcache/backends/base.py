@@ -48,6 +48,10 @@ class Lookup:
     payload: bytes | None
     tokens: tuple[str, ...] = ()
     lease: str | None = None
+    #: On a miss: the namespace's (bucket's) invalidation epoch, a random value
+    #: replaced by every :meth:`Backend.invalidate`. A fill given it stores only
+    #: if no tag at all was invalidated since (see :meth:`Backend.fill`).
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +159,15 @@ class Backend(Protocol):
         tags: Sequence[str],
         tokens: Sequence[str],
         lease: str,
+        epoch: str | None = None,
     ) -> bool:
         """Compare-and-set after a miss: store only if ``lease`` is still this caller's
         and every tag's current token equals ``tokens``. Releases the lease either way.
+
+        With ``epoch`` (from the :class:`Lookup` of the miss), also store only if
+        the key's invalidation epoch is unchanged: no tag was invalidated since
+        the miss. Used for tags known only once the value is computed, whose
+        tokens could not be snapshot before.
 
         Returns ``True`` if the payload was stored.
         """
@@ -169,7 +179,8 @@ class Backend(Protocol):
         """Remove ``key`` and its lease. Returns ``True`` if an entry was stored."""
 
     async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
-        """Invalidate every entry carrying any of ``tags`` (replace or drop their tokens)."""
+        """Invalidate every entry carrying any of ``tags`` (replace or drop their tokens)
+        and replace the namespace's invalidation epoch."""
 
     async def clear(self, ns: str) -> int:
         """Remove every key of namespace ``ns`` (entries, tokens, leases); return entries removed."""

@@ -111,13 +111,15 @@ _Record = _Entry | _Token | _Lease
 class _Space:
     """Everything stored for one namespace."""
 
-    __slots__ = ("entries", "leases", "ns", "tokens")
+    __slots__ = ("entries", "epoch", "leases", "ns", "tokens")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
         self.entries: dict[str, _Entry] = {}
         self.tokens: dict[str, _Token] = {}
         self.leases: dict[str, _Lease] = {}
+        # The invalidation epoch: replaced by every invalidate (see Backend.fill).
+        self.epoch = new_token()
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -268,13 +270,13 @@ class MemoryBackend:
         lease = space.leases.get(key)
         if lease is not None:
             if now < lease.expires:
-                return Lookup(None, snapshot, None)
+                return Lookup(None, snapshot, None, space.epoch)
             self._drop_lease(space, lease)
         value = new_token()
         lease = _Lease(ns, key, value, now + lease_ttl)
         space.leases[key] = lease
         self._file(lease, lease.expires)
-        return Lookup(None, snapshot, value)
+        return Lookup(None, snapshot, value, space.epoch)
 
     async def peek(self, ns: str, key: str) -> EntryInfo | None:
         """Return the stored entry with its remaining TTL, tags and validity, or ``None``.
@@ -363,9 +365,11 @@ class MemoryBackend:
         tags: Sequence[str],
         tokens: Sequence[str],
         lease: str,
+        epoch: str | None = None,
     ) -> bool:
         """Compare-and-set after a miss: store only if ``lease`` is still this caller's
-        and every tag's current token equals ``tokens``. Releases the lease either way.
+        and every tag's current token equals ``tokens`` (and, with ``epoch``, no tag
+        was invalidated since the miss). Releases the lease either way.
 
         Returns ``True`` if the payload was stored.
         """
@@ -380,6 +384,7 @@ class MemoryBackend:
         self._drop_lease(space, held)
         stored = (
             now < held.expires
+            and (epoch is None or epoch == space.epoch)
             and self._tokens_equal(space, tags, tokens, now)
             and self._store(space, ns, key, payload, ttl, tags, now)
         )
@@ -433,6 +438,7 @@ class MemoryBackend:
         space = self._spaces.get(ns)
         if space is None:
             return
+        space.epoch = new_token()
         for tag in tags:
             record = space.tokens.get(tag)
             if record is not None:

@@ -104,8 +104,19 @@ def _evalsha_head(name: str, nargs: int, nkeys: int) -> bytes:
 
 
 # The packed start of fetch calls by number of tags.
-_FETCH_HEADS: Final = [_evalsha_head("fetch", n + 11, n + 3) for n in range(16)]
-_LEASE_HEADS: Final = [_evalsha_head("lease", n + 11, n + 3) for n in range(16)]
+# (The last key of both is the bucket's invalidation epoch, snapshot like a token.)
+_FETCH_HEADS: Final = [_evalsha_head("fetch", n + 12, n + 4) for n in range(16)]
+_LEASE_HEADS: Final = [_evalsha_head("lease", n + 12, n + 4) for n in range(16)]
+
+
+def _miss_lookup(reply: list[Any], lease: bytes) -> Lookup:
+    """The Lookup of a fetch or lease reply ``[granted, token1, ..., epoch]``."""
+    return Lookup(
+        None,
+        tuple(t.decode() for t in reply[1:-1]),
+        lease.decode() if reply[0] == 1 else None,
+        reply[-1].decode(),
+    )
 
 
 def _ttl_ms(ttl: float | None) -> bytes:
@@ -176,7 +187,18 @@ _BLOCKING_POOL: Final = (
 class _Bucket:
     """Pre-encoded prefixes of one bucket of one namespace."""
 
-    __slots__ = ("channel", "entry", "lease", "mark", "read_one", "read_one_args", "token", "token_arg")
+    __slots__ = (
+        "channel",
+        "entry",
+        "epoch",
+        "epoch_arg",
+        "lease",
+        "mark",
+        "read_one",
+        "read_one_args",
+        "token",
+        "token_arg",
+    )
 
     def __init__(self, ns: bytes, b: int) -> None:
         base = b"tc:{%b:%d}:" % (ns, b)
@@ -184,6 +206,9 @@ class _Bucket:
         self.token = base + b"t:"
         self.lease = base + b"l:"
         self.mark = base + b"w:"
+        # The invalidation epoch: a random value every invalidate replaces.
+        self.epoch = base + b"v:"
+        self.epoch_arg = _bulk(self.epoch)
         self.channel = _channel(ns)
         self.token_arg = _bulk(self.token)
         # EVALSHA read 1 <entry key> <token prefix> 1, less the key and what follows.
@@ -206,7 +231,7 @@ class _Space:
         self.buckets = [_Bucket(raw, b) for b in range(buckets)]
         escaped = glob_escape(ns).encode()
         self.scan_prefix = b"tc:{%b:%b}:" % (escaped, b"0" if buckets == 1 else b"*")
-        self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"[0-9]+\}:([etlw]):(.*)\Z", re.S)
+        self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"[0-9]+\}:([etlwv]):(.*)\Z", re.S)
 
 
 class _Link:
@@ -677,8 +702,7 @@ class RedisBackend:
         reply = await self._read("fetch", key, cmd)
         if type(reply) is bytes:
             return Lookup(reply)
-        tokens = tuple(t.decode() for t in reply[1:])
-        return Lookup(None, tokens, lease.decode() if reply[0] == 1 else None)
+        return _miss_lookup(reply, lease)
 
     async def lease(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
         """Snapshot the tokens of ``tags`` and try to take the fill lease, whether or not
@@ -691,8 +715,7 @@ class RedisBackend:
         lease = os.urandom(16).hex().encode()
         cmd = self._miss_cmd(_LEASE_HEADS, "lease", ns, key, tags, lease_ttl, lease)
         reply = (await self._call("lease", key, [cmd]))[0]
-        tokens = tuple(t.decode() for t in reply[1:])
-        return Lookup(None, tokens, lease.decode() if reply[0] == 1 else None)
+        return _miss_lookup(reply, lease)
 
     def _miss_cmd(
         self,
@@ -715,10 +738,10 @@ class RedisBackend:
             tail = _bulk(b"%d" % lease_ms) + _bulk(b"%d" % (lease_ms + _TOKEN_MARGIN_MS))
             if len(self._fetch_tails) < 64:
                 self._fetch_tails[lease_ttl] = tail
-        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b$32\r\n%b\r\n%b$16\r\n%b\r\n" % (
+        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b%b$32\r\n%b\r\n%b$16\r\n%b\r\n" % (
             heads[len(tags)]
             if len(tags) < len(heads)
-            else _evalsha_head(script, len(tags) + 11, len(tags) + 3),
+            else _evalsha_head(script, len(tags) + 12, len(tags) + 4),
             len(ek),
             ek,
             len(lk),
@@ -726,6 +749,7 @@ class RedisBackend:
             len(wk),
             wk,
             b"".join([_bulk(bucket.token + t.encode()) for t in tags]) if tags else b"",
+            bucket.epoch_arg,
             bucket.token_arg,
             lease,
             tail,
@@ -842,17 +866,25 @@ class RedisBackend:
         await link.conn.disconnect(nowait=True)
 
     def _write_cmd(
-        self, script: str, bucket: _Bucket, kb: bytes, args: list[bytes], tags: Sequence[str]
+        self,
+        script: str,
+        bucket: _Bucket,
+        kb: bytes,
+        args: list[bytes],
+        tags: Sequence[str],
+        extra_key: bytes | None = None,
     ) -> bytes:
-        """``EVALSHA`` of a write script: entry, lease, mark and token keys; the channel, then ``args``."""
-        n = len(tags)
+        """``EVALSHA`` of a write script: entry, lease, mark and token keys (and
+        ``extra_key``); the channel, then ``args``."""
+        keys = 3 + len(tags) + (extra_key is not None)
         return b"".join(
             [
-                _evalsha_head(script, 3 + 3 + n + 1 + len(args), 3 + n),
+                _evalsha_head(script, 3 + keys + 1 + len(args), keys),
                 _bulk(bucket.entry + kb),
                 _bulk(bucket.lease + kb),
                 _bulk(bucket.mark + kb),
                 *[_bulk(bucket.token + t.encode()) for t in tags],
+                *([_bulk(extra_key)] if extra_key is not None else []),
                 _bulk(bucket.channel),
                 *[_bulk(a) for a in args],
             ]
@@ -880,9 +912,11 @@ class RedisBackend:
         tags: Sequence[str],
         tokens: Sequence[str],
         lease: str,
+        epoch: str | None = None,
     ) -> bool:
         """Compare-and-set after a miss: store only if ``lease`` is still this caller's
-        and every tag's current token equals ``tokens``. Releases the lease either way.
+        and every tag's current token equals ``tokens`` (and, with ``epoch``, no tag
+        was invalidated since the miss). Releases the lease either way.
 
         One round trip. Returns ``True`` if the payload was stored. Signals
         the key's watchers whenever the lease was still this caller's.
@@ -899,7 +933,11 @@ class RedisBackend:
             *[t.encode() for t in tags],
             *[t.encode() for t in tokens],
         ]
-        replies = await self._call("fill", key, [self._write_cmd("fill", bucket, kb, args, tags)])
+        cmd = self._write_cmd("fill", bucket, kb, args, tags)
+        if epoch is not None:
+            # One more key and argument: the epoch and its snapshot (see fill.lua).
+            cmd = self._write_cmd("fill", bucket, kb, [*args, epoch.encode()], tags, extra_key=bucket.epoch)
+        replies = await self._call("fill", key, [cmd])
         return bool(replies[0] == 1)
 
     async def release(self, ns: str, key: str, lease: str) -> None:
@@ -940,7 +978,8 @@ class RedisBackend:
         return bool(replies[0])
 
     async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
-        """Invalidate every entry carrying any of ``tags`` by deleting the tags' tokens.
+        """Invalidate every entry carrying any of ``tags`` by deleting the tags' tokens
+        (and the bucket's invalidation epoch, so fills snapshot before it fail).
 
         One round trip: one ``DEL`` per bucket, pipelined. Entries are not
         touched; they become misses and expire by their TTL.
@@ -948,7 +987,7 @@ class RedisBackend:
         if not tags:
             return
         encoded = [t.encode() for t in tags]
-        cmds = [_pack(b"DEL", *[b.token + t for t in encoded]) for b in self._space(ns).buckets]
+        cmds = [_pack(b"DEL", *[b.token + t for t in encoded], b.epoch) for b in self._space(ns).buckets]
         await self._call("invalidate", None, cmds)
 
     async def peek(self, ns: str, key: str) -> EntryInfo | None:

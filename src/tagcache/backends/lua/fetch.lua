@@ -1,9 +1,10 @@
 -- fetch: a read that, on a miss, snapshots tag tokens and tries to take the fill lease.
--- KEYS[1]: entry, KEYS[2]: lease, KEYS[3]: wait mark, KEYS[4..]: token keys of the declared tags.
+-- KEYS[1]: entry, KEYS[2]: lease, KEYS[3]: wait mark, KEYS[4..]: token keys of the declared tags,
+-- then the bucket's invalidation epoch (snapshot like a token).
 -- ARGV[1]: token key prefix, ARGV[2]: lease token, ARGV[3]: lease ms,
 -- ARGV[4]: ms a created token lives, ARGV[5]: a fresh random token.
 -- Returns the payload (a string) on a hit; on a miss (foreign data under
--- the entry key counts as a miss) an array {granted, token1, token2, ...}.
+-- the entry key counts as a miss) an array {granted, token1, token2, ..., epoch}.
 -- When another caller holds the lease, the key is marked as waited for (for
 -- at least as long as that lease lives), so its fill, release, set or
 -- delete publishes a signal.

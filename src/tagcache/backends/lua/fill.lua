@@ -1,19 +1,28 @@
 -- fill: compare-and-set after a miss.
--- KEYS[1]: entry, KEYS[2]: lease, KEYS[3]: wait mark, KEYS[4..3+n]: token keys.
+-- KEYS[1]: entry, KEYS[2]: lease, KEYS[3]: wait mark, KEYS[4..3+n]: token keys,
+-- and optionally KEYS[4+n]: the bucket's invalidation epoch.
 -- ARGV[1]: the namespace's signal channel, ARGV[2]: payload,
 -- ARGV[3]: ttl ms ('-1' no expiry, '0' store nothing), ARGV[4]: lease token,
--- ARGV[5..4+n]: tags, ARGV[5+n..4+2n]: snapshot tokens.
--- Stores only if the lease is still ours and every token equals the
--- snapshot (a missing token is a mismatch); releases our lease either way
--- and then signals the key's watchers, if marked.
+-- ARGV[5..4+n]: tags, ARGV[5+n..4+2n]: snapshot tokens, and with the epoch
+-- key ARGV[5+2n]: the epoch at miss time.
+-- Stores only if the lease is still ours, every token equals the snapshot
+-- (a missing token is a mismatch) and, when given, the epoch is unchanged;
+-- releases our lease either way and then signals the key's watchers, if marked.
 -- Returns 1 if stored, else 0.
+local with_epoch = (#ARGV - 4) % 2 == 1
 local n = #KEYS - 3
+if with_epoch then
+  n = n - 1
+end
 if redis.pcall('GET', KEYS[2]) ~= ARGV[4] then
   return 0
 end
 redis.call('DEL', KEYS[2])
 
 local function store()
+  if with_epoch and redis.pcall('GET', KEYS[4 + n]) ~= ARGV[5 + 2 * n] then
+    return 0
+  end
   local tkeys, tags, tokens = {}, {}, {}
   for i = 1, n do
     local want = ARGV[4 + n + i]
