@@ -143,47 +143,6 @@ def _error(op: str, key: str | None, exc: BaseException) -> BackendError:
     return err
 
 
-def _redis_version() -> tuple[int, ...]:
-    import redis
-
-    return tuple(int(part) for part in re.findall(r"\d+", redis.__version__)[:3])
-
-
-class _FixedBlockingConnectionPool(aioredis.BlockingConnectionPool):
-    """``BlockingConnectionPool`` for redis-py 5.0.1, whose ``get_connection`` deadlocks
-    (until its timeout) when connecting fails, by releasing under its own lock
-    (fixed in redis-py 5.0.2): connect outside the lock instead."""
-
-    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
-        async def take() -> Any:
-            async with self._condition:
-                await self._condition.wait_for(self.can_get_connection)
-                pool: Any = self
-                conn = (
-                    pool._available_connections.pop()
-                    if pool._available_connections
-                    else pool.make_connection()
-                )
-                pool._in_use_connections.add(conn)
-                return conn
-
-        try:
-            connection = await asyncio.wait_for(take(), self.timeout)
-        except asyncio.TimeoutError as err:
-            raise RedisConnectionError("No connection available.") from err
-        try:
-            await self.ensure_connection(connection)
-        except BaseException:
-            await self.release(connection)
-            raise
-        return connection
-
-
-_BLOCKING_POOL: Final = (
-    aioredis.BlockingConnectionPool if _redis_version() >= (5, 0, 2) else _FixedBlockingConnectionPool
-)
-
-
 class _Bucket:
     """Pre-encoded prefixes of one bucket of one namespace."""
 
@@ -362,7 +321,7 @@ class RedisBackend:
         scheme = url.partition("://")[0].lower() if "://" in url else ""
         if scheme not in ("redis", "rediss", "unix"):
             raise ConfigurationError(f"unsupported Redis URL {url!r}: use redis://, rediss:// or unix://")
-        pool = _BLOCKING_POOL.from_url(url, max_connections=max_connections, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, **kwargs)
         client = aioredis.Redis(connection_pool=pool)
         return cls(client, buckets=buckets, max_connections=max_connections, owns_client=True)
 
