@@ -84,7 +84,7 @@ class EntryView:
 # (seconds) as two little-endian doubles, then the codec's payload. Codec
 # payloads never start with this byte.
 _ENVELOPE: Final = b"\x05"
-_ENVELOPE_BYTE: Final = 0x05
+_ENVELOPE_BYTE: Final = _ENVELOPE[0]
 _META: Final = struct.Struct("<dd")
 
 
@@ -351,14 +351,6 @@ class Cache:
                 f"{self._max_value_size}; store less, or raise max_value_size"
             )
         return payload
-
-    def _decode(self, key: str, payload: bytes) -> tuple[bool, Any]:
-        """Decode a stored payload; a corrupt or foreign one is logged, counted and a miss."""
-        try:
-            return True, self._decode_payload(payload)
-        except Exception as exc:
-            self._corrupt(key, exc)
-            return False, None
 
     def _corrupt(self, key: str, exc: Exception) -> None:
         self._counters.errors += 1
@@ -674,17 +666,16 @@ class Cache:
     ) -> Any:
         """Decode a hit, starting a background refresh when it is stale or due for early
         refresh; :data:`_MISS` when the payload is corrupt (counted and logged)."""
-        if payload[:1] == _ENVELOPE:
+        enveloped = payload[:1] == _ENVELOPE
+        try:
+            value = self._decode_payload(payload[_META.size + 1 :] if enveloped else payload)
+        except Exception as exc:
+            self._corrupt(key, exc)
+            return _MISS
+        if enveloped:
             expires_at, delta = _META.unpack_from(payload, 1)
-            ok, value = self._decode(key, payload[_META.size + 1 :])
-            if not ok:
-                return _MISS
             if expires_at and policy.due(expires_at, delta):
                 self._refresh_soon(key, loader, seconds, tags, policy, result_tags)
-        else:
-            ok, value = self._decode(key, payload)
-            if not ok:
-                return _MISS
         self._counters.hits += 1
         return value
 
