@@ -18,7 +18,7 @@ import pytest
 from tagcache import Cache
 from tagcache.backends import Backend, MemoryBackend
 
-from tests.redis_server import redis_server, redis_server_available
+from tests.redis_server import RedisProcess, redis_server, redis_server_available
 
 BACKEND_KINDS = ("memory", "fakeredis", "redis")
 _REQUIRE = os.environ.get("TAGCACHE_REQUIRE_REDIS", "") not in ("", "0")
@@ -60,6 +60,30 @@ def redis_server_factory() -> Iterator[Callable[..., str]]:
 
     with stack:
         yield start
+
+
+@pytest.fixture
+def redis_process() -> Iterator[Callable[..., RedisProcess]]:
+    """Start dedicated ``redis-server`` processes a test may pause, kill and restart.
+
+    ``redis_process(*args)`` starts one (extra ``redis-server`` arguments such as
+    ``"--maxmemory", "3mb"``) and returns it; all are stopped after the test.
+    """
+    if not redis_server_available():
+        no_redis("redis-server is not on PATH, needed for a dedicated server")
+    started: list[RedisProcess] = []
+
+    def start(*args: str) -> RedisProcess:
+        server = RedisProcess(*args)
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.close()
 
 
 def unique_namespace(prefix: str = "t") -> str:

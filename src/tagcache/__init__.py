@@ -15,6 +15,7 @@ from tagcache.codec import Codec, JsonCodec, PickleCodec
 from tagcache.decorator import CachedFunction
 from tagcache.exceptions import (
     BackendError,
+    BackendUnavailableError,
     ConfigurationError,
     InvalidKeyError,
     InvalidTagError,
@@ -29,6 +30,7 @@ from tagcache.warming import CacheWarmer, JobReport, JobStats, WarmingReport
 
 __all__ = [
     "BackendError",
+    "BackendUnavailableError",
     "Cache",
     "CacheStats",
     "CacheWarmer",

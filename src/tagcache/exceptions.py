@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "BackendUnavailableError",
     "ConfigurationError",
     "InvalidKeyError",
     "InvalidTagError",
@@ -56,6 +57,14 @@ class BackendError(TagCacheError):
     """The storage backend failed (connection refused, timeout, server error).
 
     The backend's own exception is chained as ``__cause__``.
+    """
+
+
+class BackendUnavailableError(BackendError):
+    """The backend's circuit breaker is open: recent calls failed or timed out, so
+    calls fail at once without touching the network until a probe succeeds.
+
+    The message says since when the breaker has been open.
     """
 
 

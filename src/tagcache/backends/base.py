@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Backend", "BackendInfo", "EntryInfo", "FillWatch", "Lookup", "NowaitReads"]
+__all__ = ["Backend", "BackendInfo", "EntryInfo", "FillWatch", "HealthReporting", "Lookup", "NowaitReads"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,3 +209,20 @@ class NowaitReads(Protocol):
 
     def get_nowait(self, ns: str, key: str) -> bytes | None:
         """Synchronous :meth:`Backend.get`."""
+
+
+@runtime_checkable
+class HealthReporting(Protocol):
+    """Optional capability of a backend that knows its own health without a round trip
+    (for example the state of its circuit breaker).
+
+    :meth:`tagcache.Cache.stats` adds what :meth:`health` returns to its report.
+    """
+
+    def health(self) -> Mapping[str, object]:
+        """Return figures about the backend's health, read from process memory only.
+
+        Backends with a circuit breaker report at least ``breaker`` (``"closed"``,
+        ``"open"`` or ``"half-open"``), ``breaker_opened`` (times it opened) and
+        ``breaker_open_since`` (Unix time it opened, or ``None`` while closed).
+        """
