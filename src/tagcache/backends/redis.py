@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import re
 import zlib
@@ -49,22 +50,36 @@ from hashlib import sha1
 from importlib import resources
 from types import TracebackType
 from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_exceptions
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tagcache.backends._signals import KeySignal, SignalWatch
 from tagcache.backends.base import BackendInfo, EntryInfo, FillWatch, Lookup
+from tagcache.backends.breaker import CircuitBreaker
 from tagcache.exceptions import BackendError, ConfigurationError
 from tagcache.tags import glob_escape, glob_to_regex
 
-__all__ = ["RedisBackend"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_SOCKET_TIMEOUT", "RedisBackend"]
+
+logger: Final = logging.getLogger("tagcache")
 
 # Errors of the client and the transport that become BackendError.
 _ERRORS: Final = (RedisError, OSError, asyncio.TimeoutError)
+# Of those, the ones that say the server is unreachable or not answering: they
+# count towards opening the circuit breaker (an error reply does not).
+_TRANSPORT: Final = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+#: Seconds a reply may take before the call fails (and counts towards the breaker).
+DEFAULT_SOCKET_TIMEOUT: Final = 0.5
+#: Seconds opening a connection (including its handshake) may take.
+DEFAULT_CONNECT_TIMEOUT: Final = 0.5
+# Options of RedisBackend.from_url read from the URL's query (not redis-py's).
+_URL_OPTIONS: Final = ("breaker_failures", "breaker_cooldown")
 # SCAN batch size and the most keys one UNLINK removes.
 _SCAN_COUNT: Final = 500
 # A token a fetch creates lives this much longer than the lease.
@@ -73,8 +88,6 @@ _TOKEN_MARGIN_MS: Final = 5000
 _FAST_WRITE_MAX: Final = 16384
 # Idle connections kept beyond this are handed back to the client's pool.
 _KEEP_IDLE: Final = 8
-# Seconds to wait for a SUBSCRIBE confirmation when the client sets no socket_timeout.
-_SUBSCRIBE_TIMEOUT: Final = 5.0
 
 
 def _load_script(name: str) -> bytes:
@@ -134,6 +147,14 @@ def _too_many_connections(exc: BaseException) -> bool:
     if max_error is not None and isinstance(exc, max_error):
         return True
     return isinstance(exc, RedisConnectionError) and "Too many connections" in str(exc)
+
+
+def _describe(pool: Any) -> str:
+    """``Redis at host:port`` (or the socket path) of a connection pool, for messages."""
+    options = getattr(pool, "connection_kwargs", {})
+    if "path" in options:
+        return f"Redis at {options['path']}"
+    return f"Redis at {options.get('host', 'localhost')}:{options.get('port', 6379)}"
 
 
 def _error(op: str, key: str | None, exc: BaseException) -> BackendError:
@@ -246,6 +267,16 @@ class RedisBackend:
         backend uses at once; further callers queue, none get an error.
         Up to a few idle ones are kept by the backend between calls.
     :param owns_client: close ``client`` (and its pool) in :meth:`aclose`.
+    :param socket_timeout: seconds a reply may take (default 0.5). The
+        backend sets it on every connection it uses, whatever the client's
+        own setting or the redis-py version, so a server that hangs costs a
+        bounded wait.
+    :param connect_timeout: seconds opening a connection, handshake
+        included, may take (default 0.5).
+    :param breaker: the :class:`~tagcache.backends.breaker.CircuitBreaker`
+        guarding the server; by default one that opens after 3 consecutive
+        failed round trips and probes again after 1 s. While it is open every
+        call raises :class:`tagcache.BackendUnavailableError` at once.
 
     Reads: an entry key holding foreign data (a type other than a hash)
     makes :meth:`get` return ``b""``, which the cache counts as an error
@@ -256,6 +287,11 @@ class RedisBackend:
     :class:`tagcache.BackendError` naming the operation and key, with the
     original exception as ``__cause__``. The backend is an async context
     manager that calls :meth:`aclose` on exit.
+
+    A lease granted to a :meth:`fetch` or :meth:`lease` whose caller was
+    cancelled, or failed, before it read the reply is released by the backend
+    in the background (after the request, on the same queue of reads), so a
+    cancelled request never leaves a key locked until its lease expires.
     """
 
     def __init__(
@@ -265,11 +301,22 @@ class RedisBackend:
         buckets: int = 1,
         max_connections: int = 50,
         owns_client: bool = False,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if type(buckets) is not int or buckets < 1:
             raise ConfigurationError(f"buckets must be a positive int, got {buckets!r}")
         if type(max_connections) is not int or max_connections < 1:
             raise ConfigurationError(f"max_connections must be a positive int, got {max_connections!r}")
+        for what, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigurationError(
+                    f"{what} must be a positive number of seconds (at most 3600), got {value!r}: "
+                    "tagcache always bounds how long a call may wait for Redis"
+                )
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise ConfigurationError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
         pool = getattr(client, "connection_pool", None)
         if pool is None:
             raise ConfigurationError(
@@ -278,6 +325,9 @@ class RedisBackend:
             )
         self._client = client
         self._pool: Any = pool
+        self._socket_timeout = float(socket_timeout)
+        self._connect_timeout = float(connect_timeout)
+        self._breaker = breaker if breaker is not None else CircuitBreaker(name=_describe(pool))
         self._buckets = buckets
         self._owns = owns_client
         self._spaces: dict[str, _Space] = {}
@@ -309,21 +359,90 @@ class RedisBackend:
 
     @classmethod
     def from_url(
-        cls, url: str, *, buckets: int = 1, max_connections: int = 50, **kwargs: Any
+        cls,
+        url: str,
+        *,
+        buckets: int = 1,
+        max_connections: int = 50,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        breaker: CircuitBreaker | None = None,
+        **kwargs: Any,
     ) -> RedisBackend:
         """Create a backend over its own client for a ``redis://``, ``rediss://`` or ``unix://`` URL.
 
         The client uses a ``redis.asyncio.BlockingConnectionPool`` of
         ``max_connections`` (callers queue for a connection instead of
-        failing); further ``kwargs`` go to the pool (``socket_timeout``,
-        ``password``, ...). :meth:`aclose` closes the client and the pool.
+        failing); further ``kwargs`` go to the pool (``password``, ...).
+        :meth:`aclose` closes the client and the pool.
+
+        Query parameters of the URL win over the keyword arguments:
+        redis-py's own (``?max_connections=200&socket_timeout=0.2``,
+        ``socket_connect_timeout``, ...) and the breaker's
+        (``?breaker_failures=5&breaker_cooldown=2``).
         """
         scheme = url.partition("://")[0].lower() if "://" in url else ""
         if scheme not in ("redis", "rediss", "unix"):
             raise ConfigurationError(f"unsupported Redis URL {url!r}: use redis://, rediss:// or unix://")
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, **kwargs)
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        ours = {name: value for name, value in query if name in _URL_OPTIONS}
+        if ours:
+            url = urlunsplit(parts._replace(query=urlencode([(n, v) for n, v in query if n not in ours])))
+            if breaker is not None:
+                raise ConfigurationError(
+                    f"pass either breaker= or the URL's {', '.join(sorted(ours))}, not both"
+                )
+            try:
+                failures = int(ours.get("breaker_failures", 3))
+                cooldown = float(ours.get("breaker_cooldown", 1.0))
+            except ValueError:
+                raise ConfigurationError(
+                    f"breaker_failures must be an int and breaker_cooldown a number of seconds, got {ours}"
+                ) from None
+            where = parts.path if scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+            breaker = CircuitBreaker(failures, cooldown, name=f"Redis at {where}")
+        try:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+                **kwargs,
+            )
+        except ValueError as exc:  # a query parameter redis-py cannot parse
+            raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+        options = pool.connection_kwargs
         client = aioredis.Redis(connection_pool=pool)
-        return cls(client, buckets=buckets, max_connections=max_connections, owns_client=True)
+        return cls(
+            client,
+            buckets=buckets,
+            # The URL's ?max_connections=N sized the pool: use all of it.
+            max_connections=int(getattr(pool, "max_connections", max_connections)),
+            owns_client=True,
+            socket_timeout=options.get("socket_timeout") or socket_timeout,
+            connect_timeout=options.get("socket_connect_timeout") or socket_connect_timeout,
+            breaker=breaker,
+        )
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The circuit breaker guarding this backend's server."""
+        return self._breaker
+
+    def health(self) -> dict[str, object]:
+        """The breaker's state and the timeouts in force, read from process memory.
+
+        See :class:`~tagcache.backends.base.HealthReporting`.
+        """
+        breaker = self._breaker
+        return {
+            "breaker": breaker.state,
+            "breaker_opened": breaker.opened,
+            "breaker_open_since": breaker.open_since,
+            "socket_timeout": self._socket_timeout,
+            "connect_timeout": self._connect_timeout,
+        }
 
     async def __aenter__(self) -> RedisBackend:
         return self
@@ -364,10 +483,16 @@ class RedisBackend:
         if self._held < self._max:
             self._held += 1
             try:
-                if self._get_needs_name:
-                    conn: AbstractConnection = await self._pool.get_connection("EVALSHA")
-                else:
-                    conn = await self._pool.get_connection()
+                # The pool may open (and handshake) a connection here with the
+                # client's own timeouts, possibly none: bound it by ours.
+                got = (
+                    self._pool.get_connection("EVALSHA")
+                    if self._get_needs_name
+                    else self._pool.get_connection()
+                )
+                conn: AbstractConnection = await asyncio.wait_for(
+                    got, self._connect_timeout + self._socket_timeout
+                )
             except BaseException as exc:
                 self._held -= 1
                 # The client's pool is smaller than max_connections: wait for
@@ -375,6 +500,10 @@ class RedisBackend:
                 if not (_too_many_connections(exc) and self._held > 0):
                     raise
             else:
+                # Every reply and reconnect on a connection the backend holds
+                # waits at most the backend's timeouts, whatever the client says.
+                conn.socket_timeout = self._socket_timeout
+                conn.socket_connect_timeout = self._connect_timeout
                 return conn
         waiter: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -399,6 +528,9 @@ class RedisBackend:
             self._spawn(self._give_back(conn))
 
     async def _give_back(self, conn: AbstractConnection) -> None:
+        options = self._pool.connection_kwargs
+        conn.socket_timeout = options.get("socket_timeout")
+        conn.socket_connect_timeout = options.get("socket_connect_timeout")
         result = self._pool.release(conn)
         if inspect.isawaitable(result):
             await result
@@ -435,7 +567,44 @@ class RedisBackend:
         connection (the old one may have been closed by the server). Any
         exception, cancellation included, disconnects the connection: its
         state is unknown, and no later caller may read a stale reply from it.
+
+        Guarded by the circuit breaker: while it is open this raises
+        :class:`~tagcache.BackendUnavailableError` without touching the
+        network; a transport failure (refused, reset, timed out) counts
+        towards opening it, and any answer closes it again.
         """
+        breaker = self._breaker
+        probe = False if breaker.closed else breaker.check()
+        try:
+            replies = await self._exchange(cmds, retry)
+        except _TRANSPORT as exc:
+            self._transport_failed(exc)
+            raise
+        except BaseException:
+            if probe:
+                breaker.abandon()
+            raise
+        if breaker.failing or not breaker.closed:
+            breaker.success()
+        return replies
+
+    def _transport_failed(self, exc: BaseException) -> None:
+        """Count a transport failure towards the breaker. The next round trip
+        checks the server again first: a reconnect may reach a restarted server."""
+        self._scripts_loaded = False
+        if not self._closed and not _too_many_connections(exc):
+            breaker = self._breaker
+            was_closed = breaker.closed
+            breaker.failure(exc)
+            if was_closed and not breaker.closed:
+                # Callers waiting for another caller's fill would wait up to their
+                # lease_ttl for a signal that cannot come now: wake them to re-check
+                # (and fail open at once).
+                for signal in list(self._signals.values()):
+                    signal.fire()
+
+    async def _exchange(self, cmds: list[bytes], retry: bool) -> list[Any]:
+        """The body of :meth:`_roundtrip`, without the breaker."""
         while True:
             conn = self._idle.pop() if self._idle else await self._acquire()
             try:
@@ -454,6 +623,7 @@ class RedisBackend:
                 self._release(conn)
                 if retry and not self._closed:
                     retry = False
+                    self._scripts_loaded = False  # the server may have restarted
                     continue
                 raise
             except BaseException:
@@ -466,7 +636,7 @@ class RedisBackend:
     async def _roundtrip_one(self, cmd: bytes) -> Any:
         """:meth:`_roundtrip` for one command, streamlined for the common case (the
         scripts are loaded and a connection is idle); anything else takes the general path."""
-        if not self._idle or not self._scripts_loaded:
+        if not self._idle or not self._scripts_loaded or not self._breaker.closed:
             return (await self._roundtrip([cmd]))[0]
         conn = self._idle.pop()
         try:
@@ -491,12 +661,18 @@ class RedisBackend:
             self._release(conn)
             if self._closed:
                 raise
+            # Perhaps an idle connection the server closed; perhaps a restart.
+            self._scripts_loaded = False
             return (await self._roundtrip([cmd], retry=False))[0]
-        except BaseException:
+        except BaseException as exc:
             await conn.disconnect(nowait=True)
             self._release(conn)
+            if isinstance(exc, _TRANSPORT):
+                self._transport_failed(exc)
             raise
         self._release(conn)
+        if self._breaker.failing:
+            self._breaker.success()
         return reply
 
     async def _call(self, op: str, key: str | None, cmds: list[bytes]) -> list[Any]:
@@ -514,23 +690,32 @@ class RedisBackend:
 
     async def _read(self, op: str, key: str, cmd: bytes) -> Any:
         """Send one read command now if no read is in flight, else queue it for the next batch."""
+        if not self._breaker.closed and self._breaker.refuses():
+            raise self._breaker.error()
         if self._busy:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._queued_cmds.append((cmd, fut))
             reply = await fut
         else:
             self._busy = True
+            failed = None
             try:
                 reply = await self._roundtrip_one(cmd)
             except _ERRORS as exc:
+                failed = exc
                 raise _error(op, key, exc) from exc
             finally:
-                self._done_direct()
+                self._done_direct(failed)
         if isinstance(reply, ResponseError):
             raise _error(op, key, reply) from reply
         return reply
 
-    def _done_direct(self) -> None:
+    def _done_direct(self, failed: BaseException | None = None) -> None:
+        """After a read sent at once: send what queued meanwhile, or fail it with
+        the read's transport error (the server did not answer the read in front
+        of it; sending more would make each wait as long again)."""
+        if failed is not None and isinstance(failed, _TRANSPORT):
+            self._fail_queued(failed)
         if self._queued_gets or self._queued_cmds:
             self._spawn(self._run_batches())
         else:
@@ -573,6 +758,8 @@ class RedisBackend:
                     self._fail(futs, "get", kb, exc)
             for _, fut in cmds:
                 self._fail([fut], "read", None, exc)
+            if isinstance(exc, _TRANSPORT):
+                self._fail_queued(exc)  # queued behind a batch the server did not answer
             if isinstance(exc, Exception):
                 return
             raise
@@ -595,10 +782,12 @@ class RedisBackend:
         for fut in futs:
             if not fut.done():
                 text = None if key is None else key.decode(errors="replace")
-                fut.set_exception(_error(op, text, exc))
+                # A BackendError (the breaker is open) is passed on as it is.
+                fut.set_exception(exc if isinstance(exc, BackendError) else _error(op, text, exc))
 
-    def _fail_queued(self) -> None:
-        closed = RedisConnectionError("the backend is closed")
+    def _fail_queued(self, exc: BaseException | None = None) -> None:
+        """Fail every queued read with ``exc`` (by default: the backend is closed)."""
+        closed = exc if exc is not None else RedisConnectionError("the backend is closed")
         for by_key in self._queued_gets.values():
             for kb, futs in by_key.items():
                 self._fail(futs, "get", kb, closed)
@@ -617,6 +806,8 @@ class RedisBackend:
         """
         kb = key.encode()
         bucket = self._bucket(ns, kb)
+        if not self._breaker.closed and self._breaker.refuses():
+            raise self._breaker.error()  # open: fail now rather than queue behind a probe
         if self._busy:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             by_key = self._queued_gets.get(bucket)
@@ -658,7 +849,11 @@ class RedisBackend:
         # 16 random bytes: the lease token; their first half, a fresh token for missing tags.
         lease = os.urandom(16).hex().encode()
         cmd = self._miss_cmd(_FETCH_HEADS, "fetch", ns, key, tags, lease_ttl, lease)
-        reply = await self._read("fetch", key, cmd)
+        try:
+            reply = await self._read("fetch", key, cmd)
+        except BaseException:
+            self._lost_lease(ns, key, lease)
+            raise
         if type(reply) is bytes:
             return Lookup(reply)
         return _miss_lookup(reply, lease)
@@ -673,7 +868,11 @@ class RedisBackend:
         """
         lease = os.urandom(16).hex().encode()
         cmd = self._miss_cmd(_LEASE_HEADS, "lease", ns, key, tags, lease_ttl, lease)
-        reply = (await self._call("lease", key, [cmd]))[0]
+        try:
+            reply = await self._read("lease", key, cmd)
+        except BaseException:
+            self._lost_lease(ns, key, lease)
+            raise
         return _miss_lookup(reply, lease)
 
     def _miss_cmd(
@@ -715,6 +914,22 @@ class RedisBackend:
             lease[:16],
         )
 
+    def _lost_lease(self, ns: str, key: str, lease: bytes) -> None:
+        """The caller of a fetch or lease request with ``lease`` was cancelled or failed
+        before reading the reply: the server may have granted the lease anyway.
+        Release it in the background (bounded in time) so the key's other callers,
+        here and elsewhere, do not wait for it to expire."""
+        if not self._closed:
+            self._spawn(self._release_lost(ns, key, lease.decode()))
+
+    async def _release_lost(self, ns: str, key: str, lease: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self.release(ns, key, lease), 2 * self._socket_timeout + self._connect_timeout
+            )
+        except Exception as exc:  # the lease expires by itself; nothing else to do
+            logger.debug("tagcache: could not release a lost lease on key %r: %s", key, exc)
+
     def watch(self, ns: str, key: str) -> FillWatch:
         """Return a :class:`~tagcache.backends.base.FillWatch` on ``key``: enter it, read
         the key again, then ``wait``.
@@ -738,6 +953,8 @@ class RedisBackend:
             fut = link.channels.get(channel)
             if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
                 return
+        if not self._breaker.closed:
+            raise self._breaker.error()
         try:
             async with self._link_lock:
                 if self._closed:
@@ -753,7 +970,7 @@ class RedisBackend:
                     except BaseException:
                         self._break_link(link)
                         raise
-            timeout = self._pool.connection_kwargs.get("socket_timeout") or _SUBSCRIBE_TIMEOUT
+            timeout = self._socket_timeout
             try:
                 await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:
@@ -771,7 +988,9 @@ class RedisBackend:
         kwargs["health_check_interval"] = 0
         conn: Any = self._pool.connection_class(**kwargs)
         try:
-            await conn.connect()
+            # Connecting includes a handshake read: bound it (the connection's
+            # own socket_timeout is off, for waiting on messages).
+            await asyncio.wait_for(conn.connect(), self._connect_timeout + self._socket_timeout)
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
@@ -915,7 +1134,8 @@ class RedisBackend:
                 _bulk(bucket.channel),
             ]
         )
-        await self._call("release", key, [cmd])
+        # Queued with the reads, so it follows any fetch of this lease still in flight.
+        await self._read("release", key, cmd)
 
     async def delete(self, ns: str, key: str) -> bool:
         """Remove ``key`` and its lease, and signal its watchers (one round trip).
