@@ -62,7 +62,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tagcache.backends._signals import KeySignal, SignalWatch
 from tagcache.backends.base import BackendInfo, EntryInfo, FillWatch, Lookup
 from tagcache.backends.breaker import CircuitBreaker
-from tagcache.exceptions import BackendError, ConfigurationError
+from tagcache.exceptions import BackendError, BackendUnavailableError, ConfigurationError
 from tagcache.tags import glob_escape, glob_to_regex
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_SOCKET_TIMEOUT", "RedisBackend"]
@@ -78,6 +78,10 @@ _TRANSPORT: Final = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.T
 DEFAULT_SOCKET_TIMEOUT: Final = 0.5
 #: Seconds opening a connection (including its handshake) may take.
 DEFAULT_CONNECT_TIMEOUT: Final = 0.5
+# Lease releases that did not get through are retried after this many seconds
+# (doubling up to the breaker's cool-down), for at most _RETRY_FOR seconds.
+_RETRY_FIRST: Final = 0.05
+_RETRY_FOR: Final = 60.0
 # Options of RedisBackend.from_url read from the URL's query (not redis-py's).
 _URL_OPTIONS: Final = ("breaker_failures", "breaker_cooldown")
 # SCAN batch size and the most keys one UNLINK removes.
@@ -147,6 +151,15 @@ def _too_many_connections(exc: BaseException) -> bool:
     if max_error is not None and isinstance(exc, max_error):
         return True
     return isinstance(exc, RedisConnectionError) and "Too many connections" in str(exc)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (as raised by a call) says the server was not reached or did not
+    answer — the request may or may not have been executed — rather than answering."""
+    if isinstance(exc, BackendUnavailableError):
+        return True
+    cause = exc.__cause__ if isinstance(exc, BackendError) else exc
+    return isinstance(cause, _TRANSPORT) or isinstance(exc, asyncio.TimeoutError)
 
 
 def _describe(pool: Any) -> str:
@@ -347,6 +360,8 @@ class RedisBackend:
         self._queued_gets: dict[_Bucket, dict[bytes, list[asyncio.Future[Any]]]] = {}
         self._queued_cmds: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Background retries of lease releases that did not get through.
+        self._retries: set[asyncio.Task[None]] = set()
         self._closed = False
         # lease_ttl -> the packed lease and token lifetimes of fetch calls.
         self._fetch_tails: dict[float, bytes] = {}
@@ -917,18 +932,36 @@ class RedisBackend:
     def _lost_lease(self, ns: str, key: str, lease: bytes) -> None:
         """The caller of a fetch or lease request with ``lease`` was cancelled or failed
         before reading the reply: the server may have granted the lease anyway.
-        Release it in the background (bounded in time) so the key's other callers,
-        here and elsewhere, do not wait for it to expire."""
-        if not self._closed:
-            self._spawn(self._release_lost(ns, key, lease.decode()))
+        Release it in the background so the key's other callers, here and
+        elsewhere, do not wait for it to expire."""
+        self._release_later(ns, key, lease.decode(), delay=0.0)
 
-    async def _release_lost(self, ns: str, key: str, lease: str) -> None:
-        try:
-            await asyncio.wait_for(
-                self.release(ns, key, lease), 2 * self._socket_timeout + self._connect_timeout
-            )
-        except Exception as exc:  # the lease expires by itself; nothing else to do
-            logger.debug("tagcache: could not release a lost lease on key %r: %s", key, exc)
+    def _release_later(self, ns: str, key: str, lease: str, delay: float = _RETRY_FIRST) -> None:
+        if not self._closed:
+            task = asyncio.get_running_loop().create_task(self._release_retrying(ns, key, lease, delay))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _release_retrying(self, ns: str, key: str, lease: str, delay: float) -> None:
+        """Release ``lease`` until the server confirms it, backing off up to the breaker's
+        cool-down, for at most :data:`_RETRY_FOR` seconds (a lease lives no longer)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _RETRY_FOR
+        while not self._closed:
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(
+                    self._read("release", key, self._release_cmd(ns, key, lease)),
+                    2 * self._socket_timeout + self._connect_timeout,
+                )
+            except Exception as exc:
+                if loop.time() >= give_up or not _unreachable(exc):
+                    logger.debug("tagcache: gave up releasing a lease on key %r: %s", key, exc)
+                    return
+                delay = min(max(2 * delay, _RETRY_FIRST), self._breaker.cooldown)
+            else:
+                return
 
     def watch(self, ns: str, key: str) -> FillWatch:
         """Return a :class:`~tagcache.backends.base.FillWatch` on ``key``: enter it, read
@@ -1118,14 +1151,11 @@ class RedisBackend:
         replies = await self._call("fill", key, [cmd])
         return bool(replies[0] == 1)
 
-    async def release(self, ns: str, key: str, lease: str) -> None:
-        """Give up ``lease`` on ``key`` without writing; a lease held by someone else is kept.
-
-        Releasing signals the key's watchers.
-        """
+    def _release_cmd(self, ns: str, key: str, lease: str) -> bytes:
+        """``EVALSHA`` of release: lease and mark keys, the lease token, the channel."""
         kb = key.encode()
         bucket = self._bucket(ns, kb)
-        cmd = b"".join(
+        return b"".join(
             [
                 _evalsha_head("release", 7, 2),
                 _bulk(bucket.lease + kb),
@@ -1134,8 +1164,24 @@ class RedisBackend:
                 _bulk(bucket.channel),
             ]
         )
+
+    async def release(self, ns: str, key: str, lease: str) -> None:
+        """Give up ``lease`` on ``key`` without writing; a lease held by someone else is kept.
+
+        Releasing signals the key's watchers. When the server cannot be
+        reached (or the breaker is open) the error is raised and the release
+        is retried in the background until it gets through (for up to a
+        minute): a request sent to a server that hangs may still be executed
+        when it recovers, and its lease must not outlive it.
+        """
+        cmd = self._release_cmd(ns, key, lease)
         # Queued with the reads, so it follows any fetch of this lease still in flight.
-        await self._read("release", key, cmd)
+        try:
+            await self._read("release", key, cmd)
+        except BaseException as exc:
+            if not isinstance(exc, BackendError) or _unreachable(exc):
+                self._release_later(ns, key, lease)
+            raise
 
     async def delete(self, ns: str, key: str) -> bool:
         """Remove ``key`` and its lease, and signal its watchers (one round trip).
@@ -1313,6 +1359,8 @@ class RedisBackend:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._retries):  # their leases expire by themselves
+            task.cancel()
         if not self._busy:
             self._fail_queued()
         idle, self._idle = self._idle, []
