@@ -6,13 +6,17 @@ import contextlib
 import dataclasses
 import enum
 import hmac
+import importlib
 import math
 import pickle
 import socket
 import subprocess
 import sys
+import zoneinfo
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tagcache.codec import Codec, JsonCodec, PickleCodec
+from tagcache.codec import Codec, JsonCodec, KeyBoundCodec, PickleCodec
 from tagcache.exceptions import ConfigurationError, SerializationError
 
 pydantic = pytest.importorskip("pydantic")
@@ -437,6 +441,109 @@ def test_pydantic_is_not_imported_by_the_codec() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# decoding never imports a module or runs lookup hooks
+
+
+def test_decoding_never_imports_the_module_a_payload_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = "tagcache_test_payload_module"
+    marker = tmp_path / "imported.txt"
+    (tmp_path / f"{name}.py").write_text(
+        "import dataclasses, pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('module code ran')\n"
+        "@dataclasses.dataclass\n"
+        "class Secret:\n"
+        "    x: int\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)  # and drop it again after the test
+    payload = JsonCodec.TAGGED_MARKER + orjson.dumps({"$dc": [f"{name}:Secret", {"x": 1}]})
+    codec = JsonCodec()
+    with pytest.raises(SerializationError, match=rf"module '{name}', which is not imported in this process"):
+        codec.decode(payload)
+    assert name not in sys.modules
+    assert not marker.exists()
+    # once the application has imported the module itself, the same payload decodes
+    module = importlib.import_module(name)
+    decoded = codec.decode(payload)
+    assert type(decoded) is module.Secret
+    assert decoded.x == 1
+
+
+def test_class_lookup_does_not_call_module_getattr(monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_up: list[str] = []
+    module = ModuleType("tagcache_test_lazy_module")
+
+    def lazy_getattr(attr: str) -> Any:  # the usual shape of a lazy import
+        looked_up.append(attr)
+        raise AttributeError(attr)
+
+    module.__getattr__ = lazy_getattr  # type: ignore[method-assign]  # PEP 562 module hook
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    payload = JsonCodec.TAGGED_MARKER + orjson.dumps({"$dc": [f"{module.__name__}:Lazy", {}]})
+    with pytest.raises(SerializationError, match="has no attribute 'Lazy'"):
+        JsonCodec().decode(payload)
+    assert looked_up == []
+
+
+def _datetime_in_zone(key: str) -> bytes:
+    return JsonCodec.TAGGED_MARKER + orjson.dumps({"$dt": ["2020-01-01T00:00:00", key, 0]})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "../../etc/passwd",
+        "/etc/localtime",
+        "Europe/Paris/",
+        "Europe//Paris",
+        ".",
+        "a.b/c",
+        "x\x00y",
+        "x" * 300,
+    ],
+)
+def test_malformed_zone_keys_are_rejected_before_lookup(key: str) -> None:
+    with pytest.raises(SerializationError, match="is not a valid time zone key"):
+        JsonCodec().decode(_datetime_in_zone(key))
+
+
+def test_unknown_zone_is_a_serialization_error_naming_the_zone() -> None:
+    with pytest.raises(SerializationError, match="time zone 'No/Such_Zone' is not available"):
+        JsonCodec().decode(_datetime_in_zone("No/Such_Zone"))
+
+
+def test_malformed_zone_keys_never_reach_the_tzdata_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ZoneInfo looks a zone missing from the system database up in the tzdata package, by
+    # importing "tzdata.zoneinfo." + the key's directories joined with ".": a dotted key would
+    # name further modules. A stand-in tzdata records whether any such import was attempted.
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "tzdata.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('tzdata imported')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tzdata", raising=False)
+    for key in ("zoneinfo.x/y", "a.b/c", "x\x00y"):
+        with pytest.raises(SerializationError):
+            JsonCodec().decode(_datetime_in_zone(key))
+    assert not marker.exists()
+
+
+def test_zone_keys_decoding_would_reject_are_not_encoded() -> None:
+    files = [Path(base, "UTC") for base in zoneinfo.TZPATH if Path(base, "UTC").is_file()]
+    if not files:
+        pytest.skip("no system time zone database to read a zone file from")
+    with files[0].open("rb") as f:
+        zone = ZoneInfo.from_file(f, key="custom.zone")
+    with pytest.raises(SerializationError, match=r"ZoneInfo key 'custom.zone' is not a time zone name"):
+        JsonCodec().encode(datetime(2020, 1, 1, tzinfo=zone))
+
+
+# --------------------------------------------------------------------------------------------------
 # local classes, registration and unsupported values
 
 
@@ -594,6 +701,11 @@ def test_codecs_satisfy_the_protocol() -> None:
     assert isinstance(PickleCodec(b"k"), Codec)
 
 
+def test_only_pickle_codec_binds_payloads_to_their_key() -> None:
+    assert isinstance(PickleCodec(b"k"), KeyBoundCodec)
+    assert not isinstance(JsonCodec(), KeyBoundCodec)
+
+
 # --------------------------------------------------------------------------------------------------
 # PickleCodec
 
@@ -709,10 +821,66 @@ def test_unpicklable_value_raises_serialization_error() -> None:
 def test_signed_but_corrupt_pickle_raises_serialization_error() -> None:
     codec = PickleCodec(b"k")
     body = b"not a pickle"
-    # signed with the codec's own (derived) key: only unpickling can fail
-    forged = PickleCodec.MARKER + hmac.digest(codec._key, body, "sha256") + body
+    context = b"app\x00k"
+    # signed with the codec's own (derived) key over the length-prefixed context and the body:
+    # only unpickling can fail
+    signed = len(context).to_bytes(8, "big") + context + body
+    forged = PickleCodec.MARKER + hmac.digest(codec._key, signed, "sha256") + body
     with pytest.raises(SerializationError, match="cannot unpickle"):
-        codec.decode(forged)
+        codec.decode_for(forged, context)
+
+
+ROOT = b"app\x00user:root"
+ALICE = b"app\x00user:alice"
+
+
+def test_key_bound_round_trip() -> None:
+    codec = PickleCodec(b"secret")
+    value = {"p": Point(1, {2, 3}), "c": complex(1, 2)}
+    assert codec.decode_for(codec.encode_for(value, ROOT), ROOT) == value
+    assert PickleCodec(b"secret").decode_for(codec.encode_for(value, ALICE), ALICE) == value
+
+
+def test_payload_copied_to_another_key_is_rejected_without_unpickling(unpickled: list[str]) -> None:
+    codec = PickleCodec(b"secret")
+    payload = codec.encode_for(Trap(), ROOT)
+    for context in (ALICE, b"other\x00user:root", b"", ROOT[:-1], ROOT + b"x"):
+        with pytest.raises(SerializationError, match=r"signature does not match.*another key"):
+            codec.decode_for(payload, context)
+    assert unpickled == []
+    assert codec.decode_for(payload, ROOT) == "trap"  # under its own key it is unpickled: the trap works
+
+
+def test_context_and_body_cannot_trade_bytes(unpickled: list[str]) -> None:
+    # Signing context + body without a length prefix would accept the last byte of the context
+    # moved to the front of the body.
+    codec = PickleCodec(b"secret")
+    payload = codec.encode_for(Trap(), b"app\x00ab")
+    signature, body = payload[1:33], payload[33:]
+    moved = PickleCodec.MARKER + signature + b"b" + body
+    with pytest.raises(SerializationError, match="signature does not match"):
+        codec.decode_for(moved, b"app\x00a")
+    assert unpickled == []
+
+
+def test_encode_and_decode_use_the_empty_context(unpickled: list[str]) -> None:
+    codec = PickleCodec(b"secret")
+    assert codec.decode_for(codec.encode([1, 2]), b"") == [1, 2]
+    assert codec.decode(codec.encode_for((3,), b"")) == (3,)
+    with pytest.raises(SerializationError, match="signature"):
+        codec.decode(codec.encode_for(Trap(), ROOT))
+    with pytest.raises(SerializationError, match="signature"):
+        codec.decode_for(codec.encode(Trap()), ROOT)
+    assert unpickled == []
+
+
+def test_key_rotation_keeps_the_context_binding(unpickled: list[str]) -> None:
+    old = PickleCodec(b"old-key")
+    new = PickleCodec(b"new-key", fallback_keys=[b"old-key"])
+    assert new.decode_for(old.encode_for([1, 2], ROOT), ROOT) == [1, 2]
+    with pytest.raises(SerializationError, match="signature"):
+        new.decode_for(old.encode_for(Trap(), ROOT), ALICE)
+    assert unpickled == []
 
 
 def test_fixed_offsets_keep_microseconds_and_names() -> None:

@@ -11,7 +11,7 @@ Quick start::
 """
 
 from tagcache.cache import Cache, EntryView
-from tagcache.codec import Codec, JsonCodec, PickleCodec
+from tagcache.codec import Codec, JsonCodec, KeyBoundCodec, PickleCodec
 from tagcache.decorator import CachedFunction
 from tagcache.exceptions import (
     BackendError,
@@ -44,6 +44,7 @@ __all__ = [
     "JobReport",
     "JobStats",
     "JsonCodec",
+    "KeyBoundCodec",
     "PickleCodec",
     "SerializationError",
     "TagCacheError",

@@ -11,8 +11,12 @@ rejects) bytes it did not write.
   their class). Values made only of plain JSON types are stored as plain
   orjson bytes and decoded with a single ``orjson.loads``.
 * :class:`PickleCodec` stores anything picklable. It is opt-in and signs
-  every payload with HMAC-SHA256; a payload is unpickled only after its
-  signature has been verified.
+  every payload with HMAC-SHA256, bound to the namespace and key it is
+  stored under (:class:`KeyBoundCodec`); a payload is unpickled only after
+  its signature has been verified.
+
+Decoding never imports a module: classes named in a payload are looked up
+only among the modules this process has already imported.
 
 Codec errors raise :class:`~tagcache.exceptions.SerializationError`.
 """
@@ -25,12 +29,14 @@ import dataclasses
 import enum
 import hashlib
 import hmac
-import importlib
 import pickle
+import re
 import sys
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
+from inspect import getattr_static
+from types import ModuleType
 from typing import Any, ClassVar, Final, Protocol, TypeVar, runtime_checkable
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -39,7 +45,7 @@ import orjson
 
 from tagcache.exceptions import ConfigurationError, SerializationError
 
-__all__ = ["Codec", "JsonCodec", "PickleCodec"]
+__all__ = ["Codec", "JsonCodec", "KeyBoundCodec", "PickleCodec"]
 
 T = TypeVar("T")
 
@@ -67,6 +73,37 @@ class Codec(Protocol):
 
         Raises:
             SerializationError: ``data`` is corrupt, truncated or was not written by this codec.
+        """
+        ...
+
+
+@runtime_checkable
+class KeyBoundCodec(Protocol):
+    """A codec that binds each payload to where it is stored.
+
+    When the cache's codec implements these two methods, the cache calls
+    them instead of :meth:`Codec.encode` and :meth:`Codec.decode`, with
+    ``context = namespace.encode() + b"\\x00" + key.encode()``. A codec can
+    then refuse a payload that was written for another key or namespace, for
+    example one copied from ``user:root`` to ``user:alice`` by someone able
+    to write to the backend. Such a codec still implements :class:`Codec`
+    for callers that have no context.
+    """
+
+    def encode_for(self, value: object, context: bytes) -> bytes:
+        """Return the bytes to store for ``value`` at the place named by ``context``.
+
+        Raises:
+            SerializationError: ``value`` (or something inside it) cannot be encoded.
+        """
+        ...
+
+    def decode_for(self, data: bytes, context: bytes) -> Any:
+        """Return the value stored as ``data`` by :meth:`encode_for` with the same ``context``.
+
+        Raises:
+            SerializationError: ``data`` is corrupt, was not written by this
+                codec, or was written for another ``context``.
         """
         ...
 
@@ -126,6 +163,10 @@ _RESERVED: Final = frozenset(
     }
 )
 
+# IANA time zone names ("UTC", "Europe/Paris", "Etc/GMT+5", "America/Port-au-Prince"): ASCII letters,
+# digits, "_", "+" and "-" in "/"-separated parts. No ".", so never a relative path or a module name.
+_ZONE_KEY: Final = re.compile(r"(?=.{1,255}\Z)[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*\Z")
+
 _PLAIN_TYPES: Final = frozenset({str, int, float, bool, type(None), dict, list})
 _HINT: Final = "register it with JsonCodec.register(), or use PickleCodec"
 _MISSING: Final = object()
@@ -150,6 +191,30 @@ def _type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+class _NotImported(Exception):
+    """Internal: a class reference names a module that this process has not imported."""
+
+
+def _find_class(module_name: str, qualname: str) -> object:
+    """Return the object named ``qualname`` in the already imported module ``module_name``.
+
+    Imports nothing and runs no code of the module or its classes: the module
+    is taken from :data:`sys.modules` only, and each part of ``qualname`` is
+    read with :func:`inspect.getattr_static`, which bypasses a module's
+    ``__getattr__`` (often a lazy import), descriptors and metaclass hooks.
+    Returns ``_MISSING`` when a part is absent; raises :class:`_NotImported`
+    when the module is not imported.
+    """
+    found: object = sys.modules.get(module_name)
+    if not isinstance(found, ModuleType):
+        raise _NotImported(module_name)
+    for part in qualname.split("."):
+        found = getattr_static(found, part, _MISSING)
+        if found is _MISSING:
+            break
+    return found
+
+
 def _class_ref(cls: type, kind: str) -> str:
     """Return the "module:qualname" reference of ``cls``, checking that it resolves back to it."""
     qualname = cls.__qualname__
@@ -159,9 +224,10 @@ def _class_ref(cls: type, kind: str) -> str:
             f"{kind} {_type_name(cls)} is a local class, which cannot be found by name when decoding; "
             "define it at module level, or register it with JsonCodec.register()"
         )
-    found: Any = sys.modules.get(cls.__module__)
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
+    try:
+        found = _find_class(cls.__module__, qualname)
+    except _NotImported:
+        found = None
     if found is not cls:
         raise _EncodeFailure(
             f"{kind} {_type_name(cls)} cannot be found again by its name {ref!r}; "
@@ -209,12 +275,22 @@ class JsonCodec:
     reserved keys is escaped, so it round trips too (in the tagged format).
 
     Enum, dataclass and pydantic classes are recorded as ``"module:qualname"``
-    and found again with :mod:`importlib` when decoding; the class found must
-    be of the expected kind. Classes defined inside a function cannot be
-    found by name and must be registered with :meth:`register`, as must any
-    other type. Dataclasses and models are restored field by field without
-    calling ``__init__`` or validators, the way :mod:`pickle` restores them;
-    dataclass fields missing from an older payload get their default.
+    and found again when decoding, only among the modules already imported
+    in this process (:data:`sys.modules`); the class found must be of the
+    expected kind. Decoding never imports a module, so a payload cannot make
+    a process run a module's import-time code: the reading process must have
+    imported the class's module itself, and a payload naming a module that
+    is not imported raises :class:`~tagcache.exceptions.SerializationError`
+    (which the cache counts as an error and treats as a miss). Classes
+    defined inside a function cannot be found by name and must be registered
+    with :meth:`register`, as must any other type. Dataclasses and models
+    are restored field by field without calling ``__init__`` or validators,
+    the way :mod:`pickle` restores them; dataclass fields missing from an
+    older payload get their default.
+
+    Zones are stored by their key and restored with ``ZoneInfo(key)``; only
+    keys shaped like IANA names (``"Europe/Paris"``, ``"Etc/GMT+5"``) are
+    accepted, on both sides.
 
     Nesting is limited by orjson to about 250 levels (less for tagged
     values, whose markers add levels); strings must be valid Unicode (no lone
@@ -604,13 +680,18 @@ class JsonCodec:
         if not sep or not module_name or not qualname or "<locals>" in qualname:
             raise SerializationError(f"cannot decode payload: malformed {kind} class reference {ref!r}")
         try:
-            found: Any = sys.modules.get(module_name) or importlib.import_module(module_name)
-            for part in qualname.split("."):
-                found = getattr(found, part)
-        except Exception as exc:
+            found = _find_class(module_name, qualname)
+        except _NotImported:
             raise SerializationError(
-                f"cannot decode payload: {kind} class {ref!r} cannot be found: {exc!r}"
-            ) from exc
+                f"cannot decode payload: {kind} class {ref!r} is in module {module_name!r}, which is "
+                "not imported in this process; decoding never imports modules, so import it at start-up "
+                "in every process that reads this value, or register the class with JsonCodec.register()"
+            ) from None
+        if found is _MISSING:
+            raise SerializationError(
+                f"cannot decode payload: {kind} class {ref!r} cannot be found: module {module_name!r} "
+                f"has no attribute {qualname!r}"
+            )
         if not isinstance(found, type) or not check(found):
             raise SerializationError(f"cannot decode payload: {ref!r} is not a {kind} class")
         self._classes[(ref, kind)] = found
@@ -684,6 +765,11 @@ def _tz_spec(tz: object) -> Any:
             return [micros, name]
         return micros
     if type(tz) is ZoneInfo and tz.key is not None:
+        if not _ZONE_KEY.match(tz.key):
+            raise _EncodeFailure(
+                f"zoneinfo.ZoneInfo key {tz.key!r:.80} is not a time zone name (such as 'Europe/Paris') "
+                "that decoding would accept; use a zone of the IANA database, or datetime.timezone"
+            )
         return tz.key
     raise _EncodeFailure(
         f"tzinfo of type {_type_name(type(tz))} is not supported; use datetime.timezone or a "
@@ -695,7 +781,16 @@ def _tz_from_spec(spec: Any) -> Any:
     if spec is None:
         return None
     if type(spec) is str:
-        return ZoneInfo(spec)
+        # Only a well-formed zone name reaches ZoneInfo: never a path, and never a dotted name,
+        # which ZoneInfo would turn into a module name when it falls back to the tzdata package.
+        if not _ZONE_KEY.match(spec):
+            raise SerializationError(f"cannot decode payload: {spec!r:.80} is not a valid time zone key")
+        try:
+            return ZoneInfo(spec)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot decode payload: time zone {spec!r} is not available in this process: {exc}"
+            ) from exc
     if type(spec) is int:
         return timezone(timedelta(microseconds=spec))
     _expect(spec, list)
@@ -781,7 +876,8 @@ def _foreign_marker_message(data: object, codec: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 _TAG_SIZE: Final = hashlib.sha256().digest_size
-_KEY_CONTEXT: Final = b"tagcache.codec.PickleCodec/v1"
+# v2: signatures cover the storage context as well as the pickle.
+_KEY_CONTEXT: Final = b"tagcache.codec.PickleCodec/v2"
 
 
 def _signing_key(key: object, what: str) -> bytes:
@@ -800,15 +896,35 @@ def _signing_key(key: object, what: str) -> bytes:
     return hmac.digest(bytes(key), _KEY_CONTEXT, "sha256")
 
 
+def _signature(key: bytes, context: bytes, body: bytes | memoryview) -> bytes:
+    """HMAC-SHA256 over the length-prefixed ``context`` followed by ``body``.
+
+    The 8-byte length prefix makes the signed message unambiguous: no other
+    split of the same bytes into a context and a body has the same signature.
+    """
+    mac = hmac.new(key, len(context).to_bytes(8, "big"), "sha256")
+    mac.update(context)
+    mac.update(body)
+    return mac.digest()
+
+
 class PickleCodec:
     """Opt-in codec for any picklable value, with signed payloads.
 
     Unpickling untrusted bytes runs arbitrary code, so every payload is
-    ``MARKER + HMAC-SHA256(key, pickle) + pickle``: :meth:`decode` verifies
-    the signature with :func:`hmac.compare_digest` before unpickling, and an
-    unsigned, tampered or wrongly keyed payload raises
+    ``MARKER + signature + pickle``, where the signature is HMAC-SHA256 over
+    the length-prefixed storage context followed by the pickle.
+    :meth:`decode_for` verifies the signature with
+    :func:`hmac.compare_digest` before unpickling, and an unsigned, tampered
+    or wrongly keyed payload raises
     :class:`~tagcache.exceptions.SerializationError` without being unpickled.
     Every process sharing the cache needs the same secret key.
+
+    Binding to the key: this codec is a :class:`KeyBoundCodec`, so the cache
+    passes the namespace and key an entry is stored under as the context. A
+    payload copied to another key or namespace (``user:root`` to
+    ``user:alice``) fails verification like a tampered one and is not
+    unpickled. :meth:`encode` and :meth:`decode` use the empty context.
 
     Key rotation: payloads are always signed with ``secret_key``, and verified
     against ``secret_key`` then each of ``fallback_keys``. To rotate, deploy
@@ -847,8 +963,8 @@ class PickleCodec:
             )
         self._protocol = protocol
 
-    def encode(self, value: object) -> bytes:
-        """Return ``MARKER + signature + pickle`` for ``value``.
+    def encode_for(self, value: object, context: bytes) -> bytes:
+        """Return ``MARKER + signature + pickle`` for ``value``, signed for ``context``.
 
         Raises:
             SerializationError: ``value`` cannot be pickled.
@@ -857,15 +973,15 @@ class PickleCodec:
             body = pickle.dumps(value, protocol=self._protocol)
         except Exception as exc:
             raise SerializationError(f"cannot pickle value of type {_type_name(type(value))}: {exc}") from exc
-        return b"\x03" + hmac.digest(self._key, body, "sha256") + body
+        return b"\x03" + _signature(self._key, context, body) + body
 
-    def decode(self, data: bytes) -> Any:
-        """Verify the signature of ``data``, then unpickle it.
+    def decode_for(self, data: bytes, context: bytes) -> Any:
+        """Verify that ``data`` was signed for ``context``, then unpickle it.
 
         Raises:
             SerializationError: the payload is not from a :class:`PickleCodec`,
-                is unsigned, tampered with or signed with an unknown key (it
-                is then not unpickled), or unpickling fails.
+                is unsigned, tampered with, signed with an unknown key or for
+                another context (it is then not unpickled), or unpickling fails.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)) or not data or data[0] != _PICKLE:
             raise SerializationError(_foreign_marker_message(data, "PickleCodec"))
@@ -875,14 +991,31 @@ class PickleCodec:
         tag = view[1 : 1 + _TAG_SIZE]
         body = view[1 + _TAG_SIZE :]
         for key in self._keys:
-            if hmac.compare_digest(hmac.digest(key, body, "sha256"), tag):
+            if hmac.compare_digest(_signature(key, context, body), tag):
                 break
         else:
             raise SerializationError(
-                "cannot decode payload: its signature does not match (tampered with, unsigned, or signed "
-                "with a key that is neither secret_key nor in fallback_keys); it was not unpickled"
+                "cannot decode payload: its signature does not match (tampered with, unsigned, signed "
+                "with a key that is neither secret_key nor in fallback_keys, or written under another "
+                "key or namespace); it was not unpickled"
             )
         try:
             return pickle.loads(body)
         except Exception as exc:
             raise SerializationError(f"cannot unpickle payload: {type(exc).__name__}: {exc}") from exc
+
+    def encode(self, value: object) -> bytes:
+        """Return :meth:`encode_for` ``(value, b"")``: a payload bound to the empty context.
+
+        Raises:
+            SerializationError: ``value`` cannot be pickled.
+        """
+        return self.encode_for(value, b"")
+
+    def decode(self, data: bytes) -> Any:
+        """Return :meth:`decode_for` ``(data, b"")``: accepts only payloads bound to the empty context.
+
+        Raises:
+            SerializationError: as :meth:`decode_for`.
+        """
+        return self.decode_for(data, b"")

@@ -21,6 +21,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "MAX_TAG_LENGTH",
     "MAX_TAGS",
+    "MAX_TTL",
     "check_key",
     "check_tags",
     "glob_escape",
@@ -36,10 +37,33 @@ MAX_KEY_LENGTH: Final = 1024
 MAX_TAG_LENGTH: Final = 256
 #: Most tags one entry may carry.
 MAX_TAGS: Final = 64
+#: Longest accepted TTL, in seconds: 10 years (of 365 days). Anything longer
+#: is almost always a unit mistake (milliseconds passed as seconds), and far
+#: larger values overflow the backends' expiry arithmetic. Pass ``None`` for
+#: an entry that does not expire.
+MAX_TTL: Final = 10 * 365 * 24 * 60 * 60
 
-# C0 and C1 control characters and DEL. They break log lines and line-based
-# protocols; the Redis scripts also use "\n" as a separator of tags.
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Characters keys and tags must not contain: C0 and C1 control characters and DEL, which break
+# log lines and line-based protocols (the Redis scripts also use "\n" as a separator of tags),
+# and lone surrogates, which cannot be encoded as UTF-8 and so cannot be sent to Redis.
+_FORBIDDEN: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _forbidden_char(text: str, what: str, control_hint: str = "") -> str | None:
+    """Describe the first forbidden character in ``text`` (a key or tag), or return None."""
+    match = _FORBIDDEN.search(text)
+    if match is None:
+        return None
+    char = match.group()
+    if "\ud800" <= char <= "\udfff":
+        return (
+            f"{what} {text!r:.80} contains the lone surrogate {char!r} at index {match.start()}, "
+            "which cannot be encoded as UTF-8; build it from valid Unicode text (text decoded "
+            "with errors='surrogateescape' is not: decode strictly, or with errors='replace')"
+        )
+    return (
+        f"{what} {text!r:.80} contains the control character {char!r} at index {match.start()}{control_hint}"
+    )
 
 
 def check_key(key: object) -> str:
@@ -60,10 +84,9 @@ def check_key(key: object) -> str:
             f"cache key is {len(key)} characters, more than the limit of {MAX_KEY_LENGTH} "
             f"(key starts {key[:40]!r}); hash long inputs, e.g. with hashlib.sha256"
         )
-    if _CONTROL.search(key):
-        raise InvalidKeyError(
-            f"cache key {key!r:.80} contains a control character; keys may contain any printable text"
-        )
+    problem = _forbidden_char(key, "cache key", "; keys may contain any printable text")
+    if problem is not None:
+        raise InvalidKeyError(problem)
     return key
 
 
@@ -83,8 +106,9 @@ def _check_tag(tag: object) -> str:
         raise InvalidTagError(
             f"tag {tag[:40]!r}... is {len(tag)} characters, more than the limit of {MAX_TAG_LENGTH}"
         )
-    if _CONTROL.search(tag):
-        raise InvalidTagError(f"tag {tag!r:.80} contains a control character")
+    problem = _forbidden_char(tag, "tag")
+    if problem is not None:
+        raise InvalidTagError(problem)
     return tag
 
 
@@ -114,30 +138,50 @@ def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     return result
 
 
+def _show_ttl(ttl: object) -> str:
+    # repr() of an int of more than 4300 digits raises ValueError, and messages cut values at 80
+    # characters anyway: an int too long to show is described by its size instead.
+    if isinstance(ttl, int) and ttl.bit_length() > 256:
+        return f"an int of {ttl.bit_length()} bits"
+    return f"{ttl!r:.80}"
+
+
 def ttl_seconds(ttl: object, *, what: str = "ttl") -> float | None:
     """Normalise a TTL (seconds as int/float, or ``timedelta``, or ``None``) to seconds.
 
     ``None`` means no expiry. Zero is accepted and means "already expired":
-    such a write stores nothing.
+    such a write stores nothing. ``what`` names the setting in error messages.
+
+    Raises:
+        InvalidTTLError: ``ttl`` is of another type, NaN, infinite, negative,
+            or longer than :data:`MAX_TTL`.
     """
     if ttl is None:
         return None
     if isinstance(ttl, timedelta):
         seconds = ttl.total_seconds()
-    elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-        seconds = float(ttl)
+    elif isinstance(ttl, int) and not isinstance(ttl, bool):
+        # Clamped first: float() of an int beyond the float range raises OverflowError.
+        seconds = float(max(-1, min(ttl, MAX_TTL + 1)))
+    elif isinstance(ttl, float):
+        seconds = ttl
     else:
         raise InvalidTTLError(
             f"{what} must be seconds (int or float), a datetime.timedelta or None, "
-            f"got {type(ttl).__name__} ({ttl!r:.80})"
+            f"got {type(ttl).__name__} ({_show_ttl(ttl)})"
         )
     if math.isnan(seconds) or math.isinf(seconds):
         raise InvalidTTLError(
-            f"{what} must be a finite number of seconds, got {ttl!r}; use None for no expiry"
+            f"{what} must be a finite number of seconds, got {_show_ttl(ttl)}; use None for no expiry"
         )
     if seconds < 0:
-        raise InvalidTTLError(f"{what} must not be negative, got {ttl!r}")
-    return seconds
+        raise InvalidTTLError(f"{what} must not be negative, got {_show_ttl(ttl)}")
+    if seconds > MAX_TTL:
+        raise InvalidTTLError(
+            f"{what} is {_show_ttl(ttl)}, longer than the limit of {MAX_TTL} seconds (10 years); "
+            "pass None for no expiry"
+        )
+    return float(seconds)
 
 
 def new_token() -> str:
