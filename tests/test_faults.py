@@ -8,10 +8,13 @@ the old 5 s socket timeout, or a lease left for 10 s, is far outside them);
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
@@ -19,11 +22,13 @@ import redis.asyncio as redis
 from tagcache import BackendError, BackendUnavailableError, Cache
 from tagcache.backends import RedisBackend
 
+from tests.cancel_workload import leases_left, read_load, write_load
 from tests.conftest import unique_namespace
 from tests.redis_server import RedisProcess
 
 pytestmark = pytest.mark.redis
 
+ROOT = Path(__file__).resolve().parent.parent
 CALLERS = 50
 KEYS = 200
 #: The backend's default socket timeout, which bounds every wait for a reply.
@@ -226,3 +231,70 @@ async def test_url_settings_are_honoured(redis_url: str) -> None:
         RedisBackend.from_url(redis_url + "?breaker_failures=many")
     with pytest.raises(ValueError, match="socket_timeout"):
         RedisBackend.from_url(redis_url, socket_timeout=0)
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["get_or_set", "decorator"])
+async def test_cancelled_callers_never_stall_a_key(redis_url: str, mode: str) -> None:
+    """5% of 50 concurrent callers cancelled at random moments, with invalidations:
+    no lease is left without an owner, so no other caller waits for one."""
+    ns = unique_namespace("cancel")
+    db = redis.Redis.from_url(redis_url)
+    async with Cache.from_url(redis_url, namespace=ns) as cache:
+        reads, _ = await asyncio.gather(
+            read_load(cache, db, mode=mode, callers=50, duration=3.0, cancel_rate=0.05, seed=3),
+            write_load(cache, db, duration=3.0, seed=4),
+        )
+    left = await leases_left(db, ns)
+    await db.aclose()
+    assert reads.errors == []
+    assert reads.cancelled > 50 and reads.completed > 1000 and reads.loads > 100
+    assert reads.stale == 0
+    assert reads.slow == 0, f"{reads.slow} uncancelled calls waited 1 s or more (worst {reads.worst:.2f} s)"
+    assert left == []  # every lease was released (or used) by the time the cache closed
+
+
+@pytest.mark.slow
+async def test_cancelled_callers_in_two_processes(redis_url: str) -> None:
+    ns = unique_namespace("cancel2")
+    db = redis.Redis.from_url(redis_url)
+    start_at = time.time() + 1.5
+    other = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.cancel_workload",
+        redis_url,
+        ns,
+        "--seed",
+        "5",
+        "--start-at",
+        str(start_at),
+        "--duration",
+        "3",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with Cache.from_url(redis_url, namespace=ns) as cache:
+            await asyncio.sleep(max(0.0, start_at - time.time()))  # start together
+            here, _ = await asyncio.gather(
+                read_load(cache, db, mode="decorator", callers=50, duration=3.0, cancel_rate=0.05, seed=6),
+                write_load(cache, db, duration=3.0, seed=7),
+            )
+        out, _ = await asyncio.wait_for(other.communicate(), 60)
+    finally:
+        if other.returncode is None:
+            other.kill()
+            await other.wait()
+    there = json.loads(out)
+    left = await leases_left(db, ns)
+    await db.aclose()
+    for seen in (here.as_dict(), there):
+        assert seen["errors"] == []
+        assert seen["completed"] > 500 and seen["cancelled"] > 20
+        assert seen["stale"] == 0
+        assert seen["slow"] == 0, f"uncancelled calls waited 1 s or more: {seen}"
+    assert left == []
