@@ -3,7 +3,7 @@
 A server that refuses connections fails fast by itself; one that hangs
 (paused, overloaded, behind a network partition) makes every call wait its
 timeout. The breaker bounds what a bad day costs: after ``failures``
-consecutive failed round trips it *opens*, and while open no call touches the
+consecutive failed calls it *opens*, and while open no call touches the
 network (each raises :class:`~tagcache.BackendUnavailableError` at once, so
 fail-open callers run their loader without waiting). After ``cooldown``
 seconds it lets *one* call through as a probe (*half-open*); the probe's
@@ -36,7 +36,8 @@ class CircuitBreaker:
     """Consecutive-failure circuit breaker with a single probe after a cool-down.
 
     Args:
-        failures: consecutive failed round trips that open the breaker.
+        failures: consecutive failed calls that open the breaker (reads
+            batched into one round trip count one each).
         cooldown: seconds the breaker stays open before letting one probe through.
         name: what the breaker guards, for log lines and error messages
             (e.g. ``"Redis at 127.0.0.1:6379"``).
@@ -145,9 +146,10 @@ class CircuitBreaker:
             self._probing = False
             logger.warning("tagcache: %s answers again: circuit breaker closed", self.name)
 
-    def failure(self, exc: BaseException) -> None:
-        """Record a round trip that failed in transport (refused, reset, timed out)."""
-        self.failing += 1
+    def failure(self, exc: BaseException, calls: int = 1) -> None:
+        """Record ``calls`` calls that failed in transport (refused, reset, timed out):
+        a round trip, or reads that were queued behind one and failed with it."""
+        self.failing += calls
         self._last_error = f"{type(exc).__name__}: {exc}"
         if self.closed:
             if self.failing >= self.threshold:

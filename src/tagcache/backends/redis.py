@@ -288,7 +288,7 @@ class RedisBackend:
         included, may take (default 0.5).
     :param breaker: the :class:`~tagcache.backends.breaker.CircuitBreaker`
         guarding the server; by default one that opens after 3 consecutive
-        failed round trips and probes again after 1 s. While it is open every
+        failed calls and probes again after 1 s. While it is open every
         call raises :class:`tagcache.BackendUnavailableError` at once.
 
     Reads: an entry key holding foreign data (a type other than a hash)
@@ -603,14 +603,14 @@ class RedisBackend:
             breaker.success()
         return replies
 
-    def _transport_failed(self, exc: BaseException) -> None:
-        """Count a transport failure towards the breaker. The next round trip
-        checks the server again first: a reconnect may reach a restarted server."""
+    def _transport_failed(self, exc: BaseException, calls: int = 1) -> None:
+        """Count a transport failure of ``calls`` calls towards the breaker. The next
+        round trip checks the server again first: a reconnect may reach a restarted server."""
         self._scripts_loaded = False
         if not self._closed and not _too_many_connections(exc):
             breaker = self._breaker
             was_closed = breaker.closed
-            breaker.failure(exc)
+            breaker.failure(exc, calls)
             if was_closed and not breaker.closed:
                 # Callers waiting for another caller's fill would wait up to their
                 # lease_ttl for a signal that cannot come now: wake them to re-check
@@ -803,6 +803,11 @@ class RedisBackend:
     def _fail_queued(self, exc: BaseException | None = None) -> None:
         """Fail every queued read with ``exc`` (by default: the backend is closed)."""
         closed = exc if exc is not None else RedisConnectionError("the backend is closed")
+        if exc is not None and isinstance(exc, _TRANSPORT):
+            # Each queued read is a call the server failed, like the one in front of it.
+            queued = sum(len(f) for by_key in self._queued_gets.values() for f in by_key.values())
+            if queued + len(self._queued_cmds):
+                self._transport_failed(exc, queued + len(self._queued_cmds))
         for by_key in self._queued_gets.values():
             for kb, futs in by_key.items():
                 self._fail(futs, "get", kb, closed)
