@@ -24,10 +24,10 @@ import redis.asyncio as redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tagcache import Cache  # noqa: E402
+from tagcache import Cache
 
-from _common import table  # noqa: E402
-from tests.cancel_workload import leases_left, read_load, write_load  # noqa: E402
+from _common import table
+from tests.cancel_workload import leases_left, read_load, write_load
 
 
 async def run(url: str, mode: str, rate: float, duration: float) -> tuple[float, float, int, int, int]:

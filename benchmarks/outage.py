@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tagcache import Cache  # noqa: E402
+from tagcache import Cache
 
-from _common import table  # noqa: E402
-from tests.outage_workload import Call, Workload  # noqa: E402
-from tests.redis_server import RedisProcess  # noqa: E402
+from _common import table
+from tests.outage_workload import Call, Workload, wait_until
+from tests.redis_server import RedisProcess
 
 
 def ms(values: list[float], q: float) -> str:
@@ -44,8 +44,7 @@ async def scenario(fault: str, outage: float) -> list[str]:
     work = Workload(cache)
     runner = asyncio.ensure_future(work.run(seed=11))
     try:
-        while sum(not c.loaded for c in work.calls) < 5000:  # warm: entries cached
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: sum(not c.loaded for c in work.calls) >= 5000, 60)  # warm
         healthy_from = time.monotonic()
         await asyncio.sleep(2.0)
         down = time.monotonic()
@@ -53,8 +52,7 @@ async def scenario(fault: str, outage: float) -> list[str]:
         await asyncio.sleep(outage)
         up = time.monotonic()
         server.resume() if fault == "pause" else server.start()
-        while work.first_hit_after(up) is None and time.monotonic() < up + 30:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: work.first_hit_after(up) is not None, 30)
         await asyncio.sleep(1.0)
     finally:
         work.stop.set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tagcache import Cache
@@ -73,3 +74,13 @@ class Workload:
     def first_hit_after(self, moment: float) -> float | None:
         hits = [c.started + c.took for c in self.calls if c.started >= moment and not c.loaded]
         return min(hits) - moment if hits else None
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    """Poll ``condition`` (a cheap check of recorded calls) until it holds; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

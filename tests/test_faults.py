@@ -22,7 +22,7 @@ from tagcache.backends import RedisBackend
 
 from tests.cancel_workload import leases_left, read_load, write_load
 from tests.conftest import unique_namespace
-from tests.outage_workload import Workload
+from tests.outage_workload import Workload, wait_until
 from tests.redis_server import RedisProcess
 
 pytestmark = pytest.mark.redis
@@ -32,13 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SOCKET_TIMEOUT = 0.5
 #: Scheduling noise a loaded 2-core machine may add to one call.
 MARGIN = 1.5
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.slow
