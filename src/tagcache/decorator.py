@@ -125,7 +125,10 @@ class CachedFunction(Generic[P, R]):
         The write is the same compare-and-set as on a miss, so a refresh (for
         example by a :class:`~tagcache.CacheWarmer`) never stores data older
         than an invalidation. If another caller holds the key's lease the
-        result is returned without being stored.
+        result is returned without being stored. A backend failure taking the
+        lease raises :class:`~tagcache.BackendError` (a warming job should
+        know); one storing the result does not: the result is returned and
+        counted in ``stats().not_stored``.
         """
         key, tags, result_tags = self._prepare(args, kwargs)
         func = self._func
@@ -133,10 +136,10 @@ class CachedFunction(Generic[P, R]):
         def load() -> Awaitable[R]:
             return func(*args, **kwargs)
 
-        value = await self._cache._recompute(key, load, self._ttl, tags, self._policy, result_tags)
-        if value is None:  # another caller is refreshing: compute without storing
+        ran = await self._cache._recompute(key, load, self._ttl, tags, self._policy, result_tags)
+        if ran is None:  # another caller is refreshing: compute without storing
             return await func(*args, **kwargs)
-        return value
+        return ran[0]
 
     # ------------------------------------------------------------------ methods
 
@@ -213,13 +216,17 @@ def make_decorator(
         )
     if isinstance(ignore, str):
         raise ConfigurationError(f"ignore must be a list of parameter names, got the bare string {ignore!r}")
+    if not isinstance(fail_open, bool):
+        raise ConfigurationError(
+            f"fail_open must be True, False or None (the cache's setting), got {fail_open!r}"
+        )
     policy = LoadPolicy(
         lock=bool(lock),
         stale_while_revalidate=swr,
         early_refresh=bool(early_refresh),
         beta=float(beta),
         jitter=float(jitter),
-        fail_open=bool(fail_open),
+        fail_open=fail_open,
     )
 
     def decorate(func: Any) -> Any:

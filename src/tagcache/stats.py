@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -10,16 +10,18 @@ from typing import Any, Final
 
 from tagcache.backends.base import BackendInfo
 
-__all__ = ["CacheStats", "Counters", "WriteCount", "count_writes", "note_write"]
+__all__ = ["CacheStats", "Counters", "WriteCount", "count_writes", "note_not_stored", "note_write"]
 
 
 class WriteCount:
     """Entries written by any cache inside a :func:`count_writes` block."""
 
-    __slots__ = ("written",)
+    __slots__ = ("not_stored", "written")
 
     def __init__(self) -> None:
         self.written = 0
+        #: Loaded values returned without being stored because storing them failed.
+        self.not_stored = 0
 
 
 _WRITES: Final[ContextVar[WriteCount | None]] = ContextVar("tagcache_writes", default=None)
@@ -44,11 +46,19 @@ def note_write() -> None:
         counter.written += 1
 
 
+def note_not_stored() -> None:
+    """Record, in the innermost :func:`count_writes` block if any, one loaded value
+    that could not be stored."""
+    counter = _WRITES.get()
+    if counter is not None:
+        counter.not_stored += 1
+
+
 class Counters:
     """Mutable per-cache counters. Plain attributes: incrementing one is a single
     bytecode-level add, cheap enough for the hit path."""
 
-    __slots__ = ("deletes", "errors", "hits", "invalidations", "misses", "sets")
+    __slots__ = ("deletes", "errors", "hits", "invalidations", "misses", "not_stored", "sets")
 
     def __init__(self) -> None:
         self.hits = 0
@@ -57,10 +67,12 @@ class Counters:
         self.deletes = 0
         self.invalidations = 0
         self.errors = 0
+        self.not_stored = 0
 
     def reset(self) -> None:
         """Set every counter back to zero."""
         self.hits = self.misses = self.sets = self.deletes = self.invalidations = self.errors = 0
+        self.not_stored = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +90,26 @@ class CacheStats:
     deletes: int
     #: Number of tags invalidated (a call with three tags counts three).
     invalidations: int
-    #: Corrupt or foreign payloads read (served as misses) and backend failures.
+    #: Corrupt or foreign payloads read (served as misses), backend failures, values
+    #: not stored, and calls that stopped waiting for another caller's load.
     errors: int
     keys: int | None = None
     memory_bytes: int | None = None
     evictions: int | None = None
     backend: dict[str, Any] = field(default_factory=dict)
+    #: Values a loader produced that were returned but not stored because storing
+    #: them failed: a backend error during the fill, a value that cannot be encoded
+    #: or is over ``max_value_size``, unusable tags from a ``tags=`` callable.
+    #: Each is also counted in ``errors``.
+    not_stored: int = 0
+    #: Failed invalidations waiting to be re-applied (a collapse into clearing the
+    #: namespace counts as one); while any is, reads bypass the cache.
+    pending_invalidations: int = 0
+    #: The backend's own health figures, read without a round trip (for
+    #: :class:`~tagcache.backends.RedisBackend`: its circuit breaker's ``breaker``
+    #: state, ``breaker_opened``, ``breaker_open_since``, and its timeouts);
+    #: empty for a backend without :class:`~tagcache.backends.base.HealthReporting`.
+    health: dict[str, Any] = field(default_factory=dict)
 
     @property
     def hit_ratio(self) -> float:
@@ -92,7 +118,14 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
     @classmethod
-    def from_counters(cls, counters: Counters, info: BackendInfo) -> CacheStats:
+    def from_counters(
+        cls,
+        counters: Counters,
+        info: BackendInfo,
+        *,
+        pending_invalidations: int = 0,
+        health: Mapping[str, object] | None = None,
+    ) -> CacheStats:
         """Combine the cache's counters with the backend's figures."""
         return cls(
             hits=counters.hits,
@@ -105,6 +138,9 @@ class CacheStats:
             memory_bytes=info.memory_bytes,
             evictions=info.evictions,
             backend=dict(info.extra),
+            not_stored=counters.not_stored,
+            pending_invalidations=pending_invalidations,
+            health=dict(health) if health else {},
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -117,8 +153,11 @@ class CacheStats:
             "deletes": self.deletes,
             "invalidations": self.invalidations,
             "errors": self.errors,
+            "not_stored": self.not_stored,
+            "pending_invalidations": self.pending_invalidations,
             "keys": self.keys,
             "memory_bytes": self.memory_bytes,
             "evictions": self.evictions,
             "backend": dict(self.backend),
+            "health": dict(self.health),
         }

@@ -1,14 +1,31 @@
 """Helpers for testing code that uses tagcache.
 
-* :func:`memory_cache` — a fresh, isolated in-memory cache.
+* :func:`memory_cache` — a fresh, isolated in-memory cache (strict by default).
 * :func:`cache_fixture` — the same as a pytest fixture.
 * :func:`caching_disabled` — turn caching off inside a block.
+* :func:`strict` — inside a block, a value that cannot be cached raises.
+
+In production a value a loader produced is returned even when it cannot be
+stored (it is not encodable, is over ``max_value_size``, or a ``tags=``
+callable fails on it): the failure is logged once and counted in
+``stats().not_stored``. A test suite should fail instead, so the helpers here
+are strict: :func:`memory_cache` (and so :func:`cache_fixture`) builds strict
+caches, and :func:`strict` makes every cache strict inside a block, for an
+application whose cache is built elsewhere (``Cache.from_url(settings.CACHE_URL)``).
+Backend failures are not affected: tests of fail-open behaviour keep working.
 
 Example::
 
-    from tagcache.testing import cache_fixture, caching_disabled
+    # conftest.py
+    import pytest
+    from tagcache.testing import cache_fixture, caching_disabled, strict
 
-    cache = cache_fixture()          # in conftest.py: a fixture named "cache"
+    cache = cache_fixture()          # a fixture named "cache": fresh and strict per test
+
+    @pytest.fixture(autouse=True)
+    def strict_caching():            # a plain (sync) fixture also covers async tests
+        with strict():
+            yield
 
     async def test_reads_through(cache):
         with caching_disabled():
@@ -23,9 +40,9 @@ from datetime import timedelta
 from typing import Any
 
 from tagcache.backends.memory import MemoryBackend
-from tagcache.cache import _DISABLED, Cache
+from tagcache.cache import _DISABLED, _STRICT, Cache
 
-__all__ = ["cache_fixture", "caching_disabled", "memory_cache"]
+__all__ = ["cache_fixture", "caching_disabled", "memory_cache", "strict"]
 
 
 def memory_cache(
@@ -33,16 +50,21 @@ def memory_cache(
     namespace: str = "test",
     default_ttl: float | timedelta | None = 300,
     clock: Callable[[], float] | None = None,
+    strict: bool = True,
     **options: Any,
 ) -> Cache:
     """Return a new :class:`~tagcache.Cache` over its own :class:`~tagcache.backends.MemoryBackend`.
 
     Nothing is shared with any other cache. ``clock`` (a function returning
-    seconds) lets a test drive expiry without sleeping. Other keyword
+    seconds) lets a test drive expiry without sleeping. ``strict`` (default
+    ``True``): a loaded value that cannot be cached raises
+    (:class:`~tagcache.SerializationError`, :class:`~tagcache.ValueTooLargeError`,
+    or the ``tags=`` callable's error) instead of being returned uncached;
+    pass ``strict=False`` to test the production behaviour. Other keyword
     ``options`` go to :class:`~tagcache.Cache`.
     """
     backend = MemoryBackend(clock=clock) if clock is not None else MemoryBackend()
-    return Cache(backend, namespace=namespace, default_ttl=default_ttl, **options)
+    return Cache(backend, namespace=namespace, default_ttl=default_ttl, strict=strict, **options)
 
 
 @contextmanager
@@ -61,11 +83,39 @@ def caching_disabled() -> Iterator[None]:
         _DISABLED.reset(token)
 
 
+@contextmanager
+def strict() -> Iterator[None]:
+    """Make every cache strict inside the block, in the current context.
+
+    A value that ``get_or_set``, a ``@cached`` function or a refresh loaded
+    but cannot store because of the value itself raises instead of being
+    returned uncached: :class:`~tagcache.SerializationError` (not encodable),
+    :class:`~tagcache.ValueTooLargeError` (over ``max_value_size``), or the
+    error of a ``tags=`` callable. Callers sharing that load get the same
+    error, and nothing is stored. Backend failures are unchanged (fail-open
+    still applies). Blocks nest; tasks started inside inherit the setting.
+
+    From pytest, enter it in a fixture; a plain ``def`` fixture also covers
+    ``async def`` tests run by pytest-asyncio::
+
+        @pytest.fixture(autouse=True)
+        def strict_caching():
+            with strict():
+                yield
+    """
+    token = _STRICT.set(True)
+    try:
+        yield
+    finally:
+        _STRICT.reset(token)
+
+
 def cache_fixture(name: str = "cache", **options: Any) -> Any:
     """Return a pytest fixture (named ``name``) giving each test a fresh :func:`memory_cache`.
 
     Assign the result to a module-level name in a ``conftest.py`` or test
-    module: ``cache = cache_fixture()``. ``options`` go to :func:`memory_cache`.
+    module: ``cache = cache_fixture()``. ``options`` go to :func:`memory_cache`
+    (so the cache is strict unless ``strict=False``).
     """
     import pytest  # only needed in test suites
 

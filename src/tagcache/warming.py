@@ -78,6 +78,9 @@ class JobReport:
     duration: float
     #: When the run started (wall clock, UTC).
     started_at: datetime
+    #: Values computed during the run that could not be stored (a backend error
+    #: during the fill, a value not encodable or too large); see ``Cache.stats().not_stored``.
+    entries_not_stored: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The report as a JSON-ready dict (``started_at`` in ISO 8601)."""
@@ -86,6 +89,7 @@ class JobReport:
             "ok": self.ok,
             "error": self.error,
             "entries_written": self.entries_written,
+            "entries_not_stored": self.entries_not_stored,
             "duration": self.duration,
             "started_at": self.started_at.isoformat(),
         }
@@ -111,6 +115,11 @@ class WarmingReport:
         return sum(job.entries_written for job in self.jobs)
 
     @property
+    def entries_not_stored(self) -> int:
+        """Values the jobs computed but could not store, all together."""
+        return sum(job.entries_not_stored for job in self.jobs)
+
+    @property
     def failed(self) -> tuple[JobReport, ...]:
         """The reports of the jobs that failed."""
         return tuple(job for job in self.jobs if not job.ok)
@@ -128,6 +137,7 @@ class WarmingReport:
             "ok": self.ok,
             "duration": self.duration,
             "entries_written": self.entries_written,
+            "entries_not_stored": self.entries_not_stored,
             "jobs": [job.as_dict() for job in self.jobs],
         }
 
@@ -147,6 +157,8 @@ class JobStats:
     skipped: int
     #: Entries stored by all the job's runs.
     entries_written: int
+    #: Values all the job's runs computed but could not store.
+    entries_not_stored: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as a JSON-ready dict."""
@@ -157,6 +169,7 @@ class JobStats:
             "failures": self.failures,
             "skipped": self.skipped,
             "entries_written": self.entries_written,
+            "entries_not_stored": self.entries_not_stored,
         }
 
 
@@ -164,7 +177,18 @@ class JobStats:
 
 
 class _Job:
-    __slots__ = ("entries_written", "every", "failures", "fn", "jitter", "name", "runs", "skipped", "timeout")
+    __slots__ = (
+        "entries_not_stored",
+        "entries_written",
+        "every",
+        "failures",
+        "fn",
+        "jitter",
+        "name",
+        "runs",
+        "skipped",
+        "timeout",
+    )
 
     def __init__(
         self, fn: JobFunction, name: str, every: float | None, jitter: float, timeout: float | None
@@ -178,6 +202,7 @@ class _Job:
         self.failures = 0
         self.skipped = 0
         self.entries_written = 0
+        self.entries_not_stored = 0
 
 
 class _LoopState:
@@ -427,7 +452,15 @@ class CacheWarmer:
     def stats(self) -> dict[str, JobStats]:
         """Counters (runs, failures, skipped runs, entries written) of every job, by name."""
         return {
-            job.name: JobStats(job.name, job.every, job.runs, job.failures, job.skipped, job.entries_written)
+            job.name: JobStats(
+                job.name,
+                job.every,
+                job.runs,
+                job.failures,
+                job.skipped,
+                job.entries_written,
+                job.entries_not_stored,
+            )
             for job in self._jobs.values()
         }
 
@@ -643,19 +676,23 @@ class CacheWarmer:
             entries_written=written.written,
             duration=time.perf_counter() - began,
             started_at=started_at,
+            entries_not_stored=written.not_stored,
         )
         job.runs += 1
         if error is not None:
             job.failures += 1
         job.entries_written += report.entries_written
+        job.entries_not_stored += report.entries_not_stored
         self._last_reports[job.name] = report
         log = logger.info if periodic else logger.debug
         log(
-            "tagcache: warming job %r %s in %.3f s: entries_written=%d runs=%d failures=%d skipped=%d",
+            "tagcache: warming job %r %s in %.3f s: entries_written=%d entries_not_stored=%d runs=%d "
+            "failures=%d skipped=%d",
             job.name,
             "done" if error is None else "failed",
             report.duration,
             report.entries_written,
+            report.entries_not_stored,
             job.runs,
             job.failures,
             job.skipped,
