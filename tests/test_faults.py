@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -233,3 +234,72 @@ async def test_cancelled_callers_in_two_processes(redis_url: str) -> None:
         assert seen["stale"] == 0
         assert seen["slow"] == 0, f"uncancelled calls waited 1 s or more: {seen}"
     assert left == []
+
+
+# -- invalidations during an outage ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_invalidations_that_failed_during_a_pause_are_not_lost(
+    redis_process: Callable[..., RedisProcess],
+) -> None:
+    """The stale-read harness with Redis paused for 5 s in the middle: invalidations
+    that fail while it hangs (or while the breaker is open) are remembered and
+    replayed before this process reads from Redis again, so none of its reads,
+    during or after the outage, returns a value older than a write whose
+    invalidation was attempted before the read began."""
+    server = redis_process()
+    cache = Cache.from_url(server.url + "?breaker_cooldown=0.25", namespace=unique_namespace("replay"))
+    rng = random.Random(99)
+    items = 20
+    source = dict.fromkeys(range(items), 0)
+    floor = dict.fromkeys(range(items), 0)  # highest version whose invalidation was attempted
+    stale: list[tuple[int, int, int]] = []
+    failed_invalidations = 0
+    pending_seen = 0
+    stop = asyncio.Event()
+
+    async def load(item: int) -> int:
+        version = source[item]
+        await asyncio.sleep(rng.random() * 0.004)  # the query, overlapping writes
+        return version
+
+    async def reader() -> None:
+        while not stop.is_set():
+            item = rng.randrange(items)
+            must_see = floor[item]
+            got = await cache.get_or_set(f"item:{item}", lambda item=item: load(item), tags=[f"item:{item}"])
+            if got < must_see:
+                stale.append((item, got, must_see))
+            await asyncio.sleep(rng.random() * 0.002)
+
+    async def writer() -> None:
+        nonlocal failed_invalidations, pending_seen
+        while not stop.is_set():
+            item = rng.randrange(items)
+            source[item] += 1
+            version = source[item]
+            try:
+                await cache.invalidate_tags([f"item:{item}"])
+            except BackendError:
+                failed_invalidations += 1
+            floor[item] = max(floor[item], version)
+            pending_seen = max(pending_seen, (await cache.stats()).pending_invalidations)
+            await asyncio.sleep(0.005)
+
+    tasks = [asyncio.ensure_future(writer()), *(asyncio.ensure_future(reader()) for _ in range(20))]
+    try:
+        await asyncio.sleep(1.5)  # healthy
+        server.pause()
+        await asyncio.sleep(5.0)  # the outage
+        server.resume()
+        await asyncio.sleep(2.5)  # recovered
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    stats = await cache.stats()
+    await cache.aclose()
+    assert failed_invalidations > 20 and pending_seen > 0  # the outage really lost invalidations
+    assert stale == [], f"{len(stale)} stale reads: {stale[:5]}"
+    assert stats.pending_invalidations == 0  # all replayed once Redis answered
+    assert stats.hits > 1000  # and the cache served reads again
