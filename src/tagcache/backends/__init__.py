@@ -8,13 +8,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tagcache.backends.base import Backend, BackendInfo, EntryInfo, Lookup
+from tagcache.backends.base import Backend, BackendInfo, EntryInfo, HealthReporting, Lookup
+from tagcache.backends.breaker import CircuitBreaker
 from tagcache.backends.memory import MemoryBackend
 
 if TYPE_CHECKING:
     from tagcache.backends.redis import RedisBackend
 
-__all__ = ["Backend", "BackendInfo", "EntryInfo", "Lookup", "MemoryBackend", "RedisBackend"]
+__all__ = [
+    "Backend",
+    "BackendInfo",
+    "CircuitBreaker",
+    "EntryInfo",
+    "HealthReporting",
+    "Lookup",
+    "MemoryBackend",
+    "RedisBackend",
+]
 
 
 def __getattr__(name: str) -> Any:
