@@ -2,9 +2,16 @@
 
 Layout (``b`` is the key's bucket, ``crc32(key) % buckets``)::
 
-    tc:{<ns>:<b>}:e:<key>   entry: a hash with the payload ("p") and the tags
-                            with the token each had when the value was read ("t")
+    tc:{<ns>:<b>}:e:<key>   entry: a hash with the payload ("p") and its stamp
+                            ("t"): the bucket's generation, then the tags, each
+                            with the token it had when the value was read
     tc:{<ns>:<b>}:t:<tag>   the tag's current version token in bucket b
+    tc:{<ns>:<b>}:t:\\x01gen  the bucket's generation: the token of a reserved tag
+                            (no user tag has a control character) every entry
+                            carries, "<run_id>:<random>" (see below)
+    tc:{<ns>:<b>}:v:        the bucket's invalidation epoch (replaced by every
+                            invalidation; fills of tags known from the result
+                            check it)
     tc:{<ns>:<b>}:l:<key>   the fill lease on key
     tc:{<ns>:<b>}:w:<key>   the mark "someone waits for key to be filled"
 
@@ -13,6 +20,42 @@ script runs in one Redis Cluster slot. The scripts live in ``lua/`` next to
 this module; they are loaded once per server with ``SCRIPT LOAD``, called
 with ``EVALSHA`` and reloaded transparently after ``NOSCRIPT`` (a
 ``SCRIPT FLUSH``, a restart or a failover).
+
+Each script's first line is its Redis 7 shebang with its flags: those that
+may add data (fetch, lease, set, fill) keep the default, so a server out of
+memory under ``noeviction`` refuses them before they write anything
+(without the shebang Redis checks memory only until a script's first write,
+and these begin with a ``DEL``); read (which deletes stale entries),
+release, delete and verify only free memory and are ``allow-oom``; peek is
+``no-writes``. A
+server that rejects the shebang (fakeredis; Redis before 7) is detected when
+the scripts load, and the backend sends the same scripts without it, by
+their own SHAs, from then on.
+
+Nothing read from Redis is trusted: an entry of another type, or whose stamp
+is not well-formed pairs, reads as foreign data (``get`` returns ``b""``); a
+token, generation or epoch of another type or shape is replaced like a
+missing one; a lease of another type or shape, or without an expiry (a
+tagcache lease always has one), is taken over. A read that finds an entry
+stale (a stamped token no longer current) deletes it in the same script.
+
+Restarts and failovers. A server restarted from an RDB or AOF file, or a
+replica that took over with a lag, can bring back tag tokens and entries
+that an invalidation had already removed. Every entry carries its bucket's
+generation, created by the first write as the server's ``run_id`` (its
+first 16 hex digits, from ``INFO server``; new with every server process)
+and a random part. Before a
+backend's first command, after any reconnect or ``NOSCRIPT``, and before the
+first command of a namespace it has not used yet, ``verify.lua`` runs for
+each bucket the backend knows, in the pipeline that loads the scripts: a
+generation this server process did not make is dropped, with the bucket's
+invalidation epoch. Every entry written before is then a miss (one cold
+cache), and fills that snapshot the old generation store nothing (the
+lease returned by a miss carries the generation, ``<lease>/<generation>``).
+The script is atomic, so of many processes only the first drops it. Where
+``INFO`` is unavailable (an ACL that denies it; fakeredis) nothing is
+checked, which is logged once (a warning, unless the server has no ``INFO``
+command at all).
 
 Speed comes from two things. Requests are written to connections the
 backend holds (taken from the client's pool and kept) and read back with
@@ -94,16 +137,19 @@ _FAST_WRITE_MAX: Final = 16384
 _KEEP_IDLE: Final = 8
 
 
-def _load_script(name: str) -> bytes:
+def _load_script(name: str, flagged: bool) -> bytes:
+    """The source of script ``name``: its shebang line (the Redis 7 flags) when
+    ``flagged``, then the shared helpers of ``common.lua``, then its body."""
     base = resources.files("tagcache.backends") / "lua"
     common = (base / "common.lua").read_text(encoding="utf-8")
-    body = (base / f"{name}.lua").read_text(encoding="utf-8")
-    return (common + "\n" + body).encode()
+    shebang, _, body = (base / f"{name}.lua").read_text(encoding="utf-8").partition("\n")
+    if not shebang.startswith("#!lua"):
+        raise RuntimeError(f"{name}.lua must start with its '#!lua' line")
+    return ((shebang + "\n" if flagged else "") + common + "\n" + body).encode()
 
 
-_SCRIPT_NAMES: Final = ("read", "fetch", "lease", "set", "fill", "release", "delete", "peek")
-_SOURCES: Final = {name: _load_script(name) for name in _SCRIPT_NAMES}
-_SHAS: Final = {name: sha1(src).hexdigest().encode() for name, src in _SOURCES.items()}
+# verify first: _load_scripts loads and runs it before the others.
+_SCRIPT_NAMES: Final = ("verify", "read", "fetch", "lease", "set", "fill", "release", "delete", "peek")
 
 
 def _bulk(arg: bytes) -> bytes:
@@ -115,25 +161,66 @@ def _pack(*args: bytes) -> bytes:
     return b"*%d\r\n%b" % (len(args), b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in args]))
 
 
-def _evalsha_head(name: str, nargs: int, nkeys: int) -> bytes:
+def _evalsha_head(sha: bytes, nargs: int, nkeys: int) -> bytes:
     """The packed start of ``EVALSHA <sha> <nkeys>`` for a command of ``nargs`` arguments in all."""
-    return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (nargs, _SHAS[name], _bulk(b"%d" % nkeys))
+    return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (nargs, sha, _bulk(b"%d" % nkeys))
 
 
-# The packed start of fetch calls by number of tags.
-# (The last key of both is the bucket's invalidation epoch, snapshot like a token.)
-_FETCH_HEADS: Final = [_evalsha_head("fetch", n + 12, n + 4) for n in range(16)]
-_LEASE_HEADS: Final = [_evalsha_head("lease", n + 12, n + 4) for n in range(16)]
+class _Scripts:
+    """One variant of the scripts, with their SHAs and the packed heads of frequent calls.
+
+    :data:`_FLAGGED` starts each script with its ``#!lua flags=...`` line, so Redis 7
+    checks memory before running a script that may add data (``deny-oom``);
+    :data:`_PLAIN` leaves that line out, for servers that reject it (fakeredis).
+    """
+
+    __slots__ = ("fetch_heads", "lease_heads", "read_heads", "read_one", "shas", "sources", "verify_head")
+
+    def __init__(self, flagged: bool) -> None:
+        self.sources = {name: _load_script(name, flagged) for name in _SCRIPT_NAMES}
+        self.shas = {name: sha1(src).hexdigest().encode() for name, src in self.sources.items()}
+        read = self.shas["read"]
+        # EVALSHA read 1 <entry key> <token prefix> 1, less the key and what follows.
+        self.read_one = _evalsha_head(read, 6, 1)
+        # EVALSHA read <n> <n entry keys> <token prefix>, by n (batched reads), less the keys.
+        self.read_heads = [_evalsha_head(read, n + 4, n) for n in range(128)]
+        # fetch and lease by number of tags: entry, lease, mark and generation keys, the
+        # tags' token keys and the invalidation epoch; five arguments.
+        self.fetch_heads = [_evalsha_head(self.shas["fetch"], n + 13, n + 5) for n in range(16)]
+        self.lease_heads = [_evalsha_head(self.shas["lease"], n + 13, n + 5) for n in range(16)]
+        # EVALSHA verify 2 <generation key> <epoch key>, less the keys.
+        self.verify_head = _evalsha_head(self.shas["verify"], 5, 2)
+
+
+_FLAGGED: Final = _Scripts(flagged=True)
+_PLAIN: Final = _Scripts(flagged=False)
+# Script name by SHA, of both variants (to rewrite a command built before a switch).
+_SCRIPT_OF: Final = {sha: name for scripts in (_FLAGGED, _PLAIN) for name, sha in scripts.shas.items()}
+# Where the SHA of an EVALSHA starts, after "*<n>\r\n".
+_SHA_MARK: Final = b"$7\r\nEVALSHA\r\n$40\r\n"
+# The reserved tag of a bucket's generation token (see common.lua): tags never
+# contain control characters.
+_GENERATION: Final = b"\x01gen"
 
 
 def _miss_lookup(reply: list[Any], lease: bytes) -> Lookup:
-    """The Lookup of a fetch or lease reply ``[granted, token1, ..., epoch]``."""
+    """The Lookup of a fetch or lease reply ``[granted, token1, ..., epoch, generation]``.
+
+    A granted lease is returned as ``<lease>/<generation>``: the generation at
+    miss time travels with it to :meth:`RedisBackend.fill`, which stores only
+    under the same generation.
+    """
     return Lookup(
         None,
-        tuple(t.decode() for t in reply[1:-1]),
-        lease.decode() if reply[0] == 1 else None,
-        reply[-1].decode(),
+        tuple(t.decode() for t in reply[1:-2]),
+        (lease + b"/" + reply[-1]).decode() if reply[0] == 1 else None,
+        reply[-2].decode(),
     )
+
+
+def _load_failures(loaded: list[Any], verified: list[Any]) -> list[ResponseError]:
+    """The error replies among script loads and ``verify`` calls."""
+    return [reply for reply in (*loaded, *verified) if isinstance(reply, ResponseError)]
 
 
 def _ttl_ms(ttl: float | None) -> bytes:
@@ -185,6 +272,7 @@ class _Bucket:
         "entry",
         "epoch",
         "epoch_arg",
+        "generation_arg",
         "lease",
         "mark",
         "read_one",
@@ -193,7 +281,7 @@ class _Bucket:
         "token_arg",
     )
 
-    def __init__(self, ns: bytes, b: int) -> None:
+    def __init__(self, ns: bytes, b: int, scripts: _Scripts) -> None:
         base = b"tc:{%b:%d}:" % (ns, b)
         self.entry = base + b"e:"
         self.token = base + b"t:"
@@ -202,10 +290,12 @@ class _Bucket:
         # The invalidation epoch: a random value every invalidate replaces.
         self.epoch = base + b"v:"
         self.epoch_arg = _bulk(self.epoch)
+        # The generation: the token of a reserved tag every entry carries (see verify.lua).
+        self.generation_arg = _bulk(self.token + _GENERATION)
         self.channel = _channel(ns)
         self.token_arg = _bulk(self.token)
-        # EVALSHA read 1 <entry key> <token prefix> 1, less the key and what follows.
-        self.read_one = _evalsha_head("read", 6, 1)
+        # The start of a single get (see _Scripts.read_one), of the backend's script variant.
+        self.read_one = scripts.read_one
         self.read_one_args = self.token_arg + _bulk(b"1")
 
 
@@ -219,9 +309,9 @@ class _Space:
 
     __slots__ = ("buckets", "key_re", "scan_prefix")
 
-    def __init__(self, ns: str, buckets: int) -> None:
+    def __init__(self, ns: str, buckets: int, scripts: _Scripts) -> None:
         raw = ns.encode()
-        self.buckets = [_Bucket(raw, b) for b in range(buckets)]
+        self.buckets = [_Bucket(raw, b, scripts) for b in range(buckets)]
         escaped = glob_escape(ns).encode()
         self.scan_prefix = b"tc:{%b:%b}:" % (escaped, b"0" if buckets == 1 else b"*")
         self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"[0-9]+\}:([etlwv]):(.*)\Z", re.S)
@@ -360,6 +450,8 @@ class RedisBackend:
         self._queued_gets: dict[_Bucket, dict[bytes, list[asyncio.Future[Any]]]] = {}
         self._queued_cmds: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Times a connection failed (each may hide a restart; see _recheck).
+        self._rechecks = 0
         # Background retries of lease releases that did not get through.
         self._retries: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -479,7 +571,9 @@ class RedisBackend:
                 raise ConfigurationError(
                     f"Redis namespace {ns!r} must be non-empty and must not contain '{{' or '}}'"
                 )
-            space = self._spaces[ns] = _Space(ns, self._buckets)
+            space = self._spaces[ns] = _Space(ns, self._buckets, self._scripts)
+            # Its buckets are checked against the server before its first command.
+            self._scripts_loaded = False
         return space
 
     def _bucket(self, ns: str, key: bytes) -> _Bucket:
@@ -555,13 +649,128 @@ class RedisBackend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # The script variant in use: flagged until a server rejects the shebang, then
+    # plain for good; whether a server has run the flagged variant yet; whether a
+    # server whose run_id cannot be read was reported. Class defaults, set per
+    # instance by _load_scripts.
+    _scripts: _Scripts = _FLAGGED
+    _flags_proven: bool = False
+    _blind_reported: bool = False
+
     async def _load_scripts(self, conn: AbstractConnection) -> None:
-        await conn.send_packed_command([_pack(b"SCRIPT", b"LOAD", src) for src in _SOURCES.values()])
-        for name in _SOURCES:
-            sha = await conn.read_response(disable_decoding=True)
-            if sha != _SHAS[name]:
+        """Check every bucket this backend knows against the server, then load the scripts.
+
+        Runs before the backend's first command, after any reconnect, after
+        ``NOSCRIPT`` and before the first command of a namespace used for the
+        first time. ``verify.lua`` drops the generation of each bucket whose
+        generation this server process did not make (it was restarted from
+        disk, or a replica took over): entries written before are misses from
+        then on. It runs in the same pipeline, before the other scripts load.
+
+        The flagged scripts (Redis 7 ``#!lua flags=...``) are tried first. A
+        server that rejects them gets the plain ones, and this backend uses
+        the plain SHAs from then on. fakeredis accepts any ``SCRIPT LOAD`` and
+        fails only when the script runs, so the first load runs ``verify``
+        alone first and loads the others only once it ran.
+        """
+        known, rechecks = len(self._spaces), self._rechecks
+        buckets = [(ns, b) for ns, space in list(self._spaces.items()) for b in space.buckets]
+        failure: ResponseError | None = None
+        for _attempt in range(3):
+            scripts = self._scripts
+            probe = scripts is _FLAGGED and not self._flags_proven
+            verifies = [scripts.verify_head + b.generation_arg + b.epoch_arg for _, b in buckets]
+            if probe and not verifies:
+                verifies = [_evalsha_head(scripts.shas["verify"], 3, 0)]  # runs without keys
+            rest = _SCRIPT_NAMES[1:]
+            loaded, verified = await self._send_loads(conn, scripts, verifies, () if probe else rest)
+            if probe and not _load_failures(loaded, verified):
+                loaded, _ = await self._send_loads(conn, scripts, [], rest, with_verify=False)
+            failures = _load_failures(loaded, verified)
+            if not failures:
+                if scripts is _FLAGGED:
+                    self._flags_proven = True
+                self._verified(buckets, verified)
+                # Else a namespace came meanwhile, or a connection failed (perhaps a
+                # restart after the check): check again before the next command.
+                if len(self._spaces) == known and self._rechecks == rechecks:
+                    self._scripts_loaded = True
+                return
+            failure = failures[0]
+            if all(isinstance(f, NoScriptError) for f in failures):
+                continue  # the script cache was flushed between our commands: again
+            if scripts is not _FLAGGED:
+                raise failure
+            self._use_scripts(_PLAIN)  # the server rejects the shebang
+        assert failure is not None
+        raise failure
+
+    async def _send_loads(
+        self,
+        conn: AbstractConnection,
+        scripts: _Scripts,
+        verifies: list[bytes],
+        names: Sequence[str],
+        *,
+        with_verify: bool = True,
+    ) -> tuple[list[Any], list[Any]]:
+        """In one round trip: ``SCRIPT LOAD`` of verify (unless not ``with_verify``), the
+        ``verifies`` calls, then ``SCRIPT LOAD`` of ``names``. Returns the replies of the
+        loads (a ``ResponseError`` where one failed) and those of the calls."""
+        first = ("verify",) if with_verify else ()
+        cmds = [_pack(b"SCRIPT", b"LOAD", scripts.sources[name]) for name in first]
+        cmds += verifies
+        cmds += [_pack(b"SCRIPT", b"LOAD", scripts.sources[name]) for name in names]
+        await conn.send_packed_command(cmds)
+        replies = await self._read_replies(conn, len(cmds))
+        loaded = replies[: len(first)] + replies[len(first) + len(verifies) :]
+        for name, sha in zip((*first, *names), loaded, strict=True):
+            if not isinstance(sha, ResponseError) and sha != scripts.shas[name]:
                 raise ResponseError(f"SCRIPT LOAD of {name} returned {sha!r}")
-        self._scripts_loaded = True
+        return loaded, replies[len(first) : len(first) + len(verifies)]
+
+    def _use_scripts(self, scripts: _Scripts) -> None:
+        """Switch this backend to the script variant ``scripts`` (heads built from now on,
+        and those the buckets keep)."""
+        self._scripts = scripts
+        for space in self._spaces.values():
+            for bucket in space.buckets:
+                bucket.read_one = scripts.read_one
+
+    def _current_sha(self, cmd: bytes) -> bytes:
+        """``cmd`` with the SHA of the script variant in use, when it is an ``EVALSHA``
+        of a script built before the backend switched variants (for ``NOSCRIPT`` retries)."""
+        at = cmd.find(_SHA_MARK, 0, 32)
+        if at < 0:
+            return cmd
+        start = at + len(_SHA_MARK)
+        sha = cmd[start : start + 40]
+        name = _SCRIPT_OF.get(sha)
+        if name is None or self._scripts.shas[name] == sha:
+            return cmd
+        return cmd[:start] + self._scripts.shas[name] + cmd[start + 40 :]
+
+    def _verified(self, buckets: list[tuple[str, _Bucket]], replies: list[Any]) -> None:
+        """Report what ``verify`` found: generations dropped, or a server whose run_id it
+        cannot read (restarts and failovers then go undetected)."""
+        dropped = sorted({ns for (ns, _), reply in zip(buckets, replies, strict=False) if reply == 1})
+        if dropped:
+            logger.warning(
+                "tagcache: the Redis server did not write the cached data of namespace(s) %s "
+                "(it restarted from disk, or a replica took over): entries written before are "
+                "treated as misses",
+                ", ".join(dropped),
+            )
+        blind = next((reply for reply in replies if type(reply) is bytes), None)
+        if blind is not None and not self._blind_reported:
+            self._blind_reported = True
+            # Emulators without INFO (fakeredis) are not worth a warning.
+            log = logger.debug if b"unknown command" in blind.lower() else logger.warning
+            log(
+                "tagcache: cannot read the Redis server's run_id (%s): a restart from disk or a "
+                "failover to a replica is not detected; allow INFO for tagcache's Redis user",
+                blind.decode(errors="replace"),
+            )
 
     @staticmethod
     async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
@@ -603,10 +812,15 @@ class RedisBackend:
             breaker.success()
         return replies
 
+    def _recheck(self) -> None:
+        """Check the server again (verify, load the scripts) before the next command."""
+        self._scripts_loaded = False
+        self._rechecks += 1
+
     def _transport_failed(self, exc: BaseException, calls: int = 1) -> None:
         """Count a transport failure of ``calls`` calls towards the breaker. The next
         round trip checks the server again first: a reconnect may reach a restarted server."""
-        self._scripts_loaded = False
+        self._recheck()
         if not self._closed and not _too_many_connections(exc):
             breaker = self._breaker
             was_closed = breaker.closed
@@ -630,7 +844,7 @@ class RedisBackend:
                 redo = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
                 if redo:
                     await self._load_scripts(conn)
-                    await conn.send_packed_command([cmds[i] for i in redo])
+                    await conn.send_packed_command([self._current_sha(cmds[i]) for i in redo])
                     for i, reply in zip(redo, await self._read_replies(conn, len(redo)), strict=True):
                         replies[i] = reply
             except RedisConnectionError:
@@ -638,7 +852,7 @@ class RedisBackend:
                 self._release(conn)
                 if retry and not self._closed:
                     retry = False
-                    self._scripts_loaded = False  # the server may have restarted
+                    self._recheck()  # the server may have restarted
                     continue
                 raise
             except BaseException:
@@ -677,7 +891,7 @@ class RedisBackend:
             if self._closed:
                 raise
             # Perhaps an idle connection the server closed; perhaps a restart.
-            self._scripts_loaded = False
+            self._recheck()
             return (await self._roundtrip([cmd], retry=False))[0]
         except BaseException as exc:
             await conn.disconnect(nowait=True)
@@ -760,9 +974,11 @@ class RedisBackend:
         cmds: list[tuple[bytes, asyncio.Future[Any]]],
     ) -> None:
         packed: list[bytes] = []
+        scripts = self._scripts
+        heads = scripts.read_heads
         for bucket, by_key in gets.items():
             n = len(by_key)
-            head = _evalsha_head("read", n + 4, n)
+            head = heads[n] if n < len(heads) else _evalsha_head(scripts.shas["read"], n + 4, n)
             packed.append(b"".join([head, *[_bulk(bucket.entry + k) for k in by_key], bucket.token_arg]))
         packed.extend(cmd for cmd, _ in cmds)
         try:
@@ -868,7 +1084,7 @@ class RedisBackend:
         """
         # 16 random bytes: the lease token; their first half, a fresh token for missing tags.
         lease = os.urandom(16).hex().encode()
-        cmd = self._miss_cmd(_FETCH_HEADS, "fetch", ns, key, tags, lease_ttl, lease)
+        cmd = self._miss_cmd("fetch", ns, key, tags, lease_ttl, lease)
         try:
             reply = await self._read("fetch", key, cmd)
         except BaseException:
@@ -887,7 +1103,7 @@ class RedisBackend:
         as waited for.
         """
         lease = os.urandom(16).hex().encode()
-        cmd = self._miss_cmd(_LEASE_HEADS, "lease", ns, key, tags, lease_ttl, lease)
+        cmd = self._miss_cmd("lease", ns, key, tags, lease_ttl, lease)
         try:
             reply = await self._read("lease", key, cmd)
         except BaseException:
@@ -897,7 +1113,6 @@ class RedisBackend:
 
     def _miss_cmd(
         self,
-        heads: list[bytes],
         script: str,
         ns: str,
         key: str,
@@ -905,8 +1120,10 @@ class RedisBackend:
         lease_ttl: float,
         lease: bytes,
     ) -> bytes:
-        """``EVALSHA`` of fetch or lease: entry, lease, mark and token keys; the token
-        prefix, ``lease``, the lease and token lifetimes and a fresh token."""
+        """``EVALSHA`` of fetch or lease: entry, lease, mark, generation, token and epoch
+        keys; the token prefix, ``lease``, the lease and token lifetimes and a fresh token."""
+        scripts = self._scripts
+        heads = scripts.fetch_heads if script == "fetch" else scripts.lease_heads
         kb = key.encode()
         bucket = self._bucket(ns, kb)
         ek, lk, wk = bucket.entry + kb, bucket.lease + kb, bucket.mark + kb
@@ -916,16 +1133,17 @@ class RedisBackend:
             tail = _bulk(b"%d" % lease_ms) + _bulk(b"%d" % (lease_ms + _TOKEN_MARGIN_MS))
             if len(self._fetch_tails) < 64:
                 self._fetch_tails[lease_ttl] = tail
-        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b%b$32\r\n%b\r\n%b$16\r\n%b\r\n" % (
+        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b%b%b$32\r\n%b\r\n%b$16\r\n%b\r\n" % (
             heads[len(tags)]
             if len(tags) < len(heads)
-            else _evalsha_head(script, len(tags) + 12, len(tags) + 4),
+            else _evalsha_head(scripts.shas[script], len(tags) + 13, len(tags) + 5),
             len(ek),
             ek,
             len(lk),
             lk,
             len(wk),
             wk,
+            bucket.generation_arg,
             b"".join([_bulk(bucket.token + t.encode()) for t in tags]) if tags else b"",
             bucket.epoch_arg,
             bucket.token_arg,
@@ -1090,15 +1308,16 @@ class RedisBackend:
         tags: Sequence[str],
         extra_key: bytes | None = None,
     ) -> bytes:
-        """``EVALSHA`` of a write script: entry, lease, mark and token keys (and
-        ``extra_key``); the channel, then ``args``."""
-        keys = 3 + len(tags) + (extra_key is not None)
+        """``EVALSHA`` of a write script: entry, lease, mark, generation and token keys
+        (and ``extra_key``); the channel, then ``args``."""
+        keys = 4 + len(tags) + (extra_key is not None)
         return b"".join(
             [
-                _evalsha_head(script, 3 + keys + 1 + len(args), keys),
+                _evalsha_head(self._scripts.shas[script], 3 + keys + 1 + len(args), keys),
                 _bulk(bucket.entry + kb),
                 _bulk(bucket.lease + kb),
                 _bulk(bucket.mark + kb),
+                bucket.generation_arg,
                 *[_bulk(bucket.token + t.encode()) for t in tags],
                 *([_bulk(extra_key)] if extra_key is not None else []),
                 _bulk(bucket.channel),
@@ -1135,17 +1354,22 @@ class RedisBackend:
         was invalidated since the miss). Releases the lease either way.
 
         One round trip. Returns ``True`` if the payload was stored. Signals
-        the key's watchers whenever the lease was still this caller's.
+        the key's watchers whenever the lease was still this caller's. Also
+        stores only under the bucket's generation at miss time (which the
+        lease carries, see :func:`_miss_lookup`): never after the server
+        restarted from disk or a replica took over in between.
         """
         if len(tags) != len(tokens):
             await self.release(ns, key, lease)
             return False
         kb = key.encode()
         bucket = self._bucket(ns, kb)
+        token, _, generation = lease.partition("/")
         args = [
             bytes(payload),
             _ttl_ms(ttl),
-            lease.encode(),
+            token.encode(),
+            generation.encode(),
             *[t.encode() for t in tags],
             *[t.encode() for t in tokens],
         ]
@@ -1157,15 +1381,16 @@ class RedisBackend:
         return bool(replies[0] == 1)
 
     def _release_cmd(self, ns: str, key: str, lease: str) -> bytes:
-        """``EVALSHA`` of release: lease and mark keys, the lease token, the channel."""
+        """``EVALSHA`` of release: lease and mark keys, the lease token (``lease`` less
+        the generation it carries), the channel."""
         kb = key.encode()
         bucket = self._bucket(ns, kb)
         return b"".join(
             [
-                _evalsha_head("release", 7, 2),
+                _evalsha_head(self._scripts.shas["release"], 7, 2),
                 _bulk(bucket.lease + kb),
                 _bulk(bucket.mark + kb),
-                _bulk(lease.encode()),
+                _bulk(lease.partition("/")[0].encode()),
                 _bulk(bucket.channel),
             ]
         )
@@ -1197,7 +1422,7 @@ class RedisBackend:
         bucket = self._bucket(ns, kb)
         cmd = b"".join(
             [
-                _evalsha_head("delete", 7, 3),
+                _evalsha_head(self._scripts.shas["delete"], 7, 3),
                 _bulk(bucket.entry + kb),
                 _bulk(bucket.lease + kb),
                 _bulk(bucket.mark + kb),
@@ -1212,7 +1437,8 @@ class RedisBackend:
         (and the bucket's invalidation epoch, so fills snapshot before it fail).
 
         One round trip: one ``DEL`` per bucket, pipelined. Entries are not
-        touched; they become misses and expire by their TTL.
+        touched; they become misses, deleted by the next read that finds
+        them, or expire by their TTL.
         """
         if not tags:
             return
@@ -1223,22 +1449,26 @@ class RedisBackend:
     async def peek(self, ns: str, key: str) -> EntryInfo | None:
         """Return the stored entry with its remaining TTL, tags and validity, or ``None``.
 
-        One round trip. Foreign data under the entry key reads as ``None``.
+        One round trip; writes nothing. Foreign data under the entry key (a
+        type other than hash, or a hash that is not a well-formed entry) reads
+        as ``None``.
         """
         kb = key.encode()
         bucket = self._bucket(ns, kb)
-        cmd = b"".join([_evalsha_head("peek", 5, 1), _bulk(bucket.entry + kb), bucket.token_arg])
+        head = _evalsha_head(self._scripts.shas["peek"], 5, 1)
+        cmd = b"".join([head, _bulk(bucket.entry + kb), bucket.token_arg])
         reply = (await self._call("peek", key, [cmd]))[0]
         if not reply:
             return None
         payload, pttl, stamp, valid = reply
         if pttl == -2:
             return None
-        parts = stamp.decode().split("\n") if stamp else []
+        # "tag\ntoken" pairs (well-formed: peek.lua checked), the generation's among them.
+        tags = stamp.split(b"\n")[0::2] if stamp else []
         return EntryInfo(
             payload=payload,
             ttl=None if pttl < 0 else pttl / 1000,
-            tags=tuple(parts[0::2]),
+            tags=tuple(t.decode(errors="replace") for t in tags if t != _GENERATION),
             valid=valid == 1,
         )
 
@@ -1289,7 +1519,7 @@ class RedisBackend:
         """Return up to ``limit`` (``None``: all) stored keys of ``ns`` matching the Redis glob ``pattern``.
 
         Uses ``SCAN`` with ``MATCH``; keys of entries whose tags were
-        invalidated are listed until they expire.
+        invalidated are listed until a read deletes them or they expire.
         """
         if limit is not None and limit <= 0:
             return []

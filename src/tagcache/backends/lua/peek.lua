@@ -1,13 +1,10 @@
--- peek: KEYS[1]: entry, ARGV[1]: token key prefix.
--- Returns {payload, pttl, tags-and-tokens, valid (1/0)}, or nil when there
--- is no entry (or the key holds foreign data).
-local e = read_entry(KEYS[1])
-if not e or not e[1] then
+#!lua flags=no-writes
+-- peek: KEYS[1]: entry, ARGV[1]: token key prefix. Writes nothing (a stale
+-- entry is reported, not deleted).
+-- Returns {payload, pttl, stamp, valid (1/0)}, or nil when there is no
+-- entry (or the key holds foreign data).
+local state, payload, stamp = judge(ARGV[1], KEYS[1])
+if state ~= 1 and state ~= 0 then
   return false
 end
-local t = e[2] or ''
-local valid = 0
-if tokens_match(ARGV[1], t) then
-  valid = 1
-end
-return {e[1], redis.call('PTTL', KEYS[1]), t, valid}
+return {payload, redis.call('PTTL', KEYS[1]), stamp, state}

@@ -1,5 +1,7 @@
+#!lua
 -- set: store unconditionally, stamped with the current tokens; clears the lease.
--- KEYS[1]: entry, KEYS[2]: lease, KEYS[3]: wait mark, KEYS[4..3+n]: token keys.
+-- KEYS[1]: entry, KEYS[2]: lease, KEYS[3]: wait mark, KEYS[4]: the bucket's
+-- generation token, KEYS[5..4+n]: token keys.
 -- ARGV[1]: the namespace's signal channel, ARGV[2]: payload,
 -- ARGV[3]: ttl ms ('-1' no expiry, '0' store nothing),
 -- ARGV[4]: a fresh random token, ARGV[5..4+n]: tags.
@@ -15,11 +17,11 @@ local px = nil
 if ttl ~= '-1' then
   px = tonumber(ttl) + 1000
 end
-local tkeys, tags, tokens = {}, {}, {}
-for i = 1, #KEYS - 3 do
-  tkeys[i] = KEYS[i + 3]
-  tags[i] = ARGV[i + 4]
-  tokens[i] = current_token(tkeys[i], ARGV[4], px)
+local tkeys, tags, tokens = {KEYS[4]}, {GEN}, {(generation(KEYS[4], ARGV[4], px))}
+for i = 1, #KEYS - 4 do
+  tkeys[i + 1] = KEYS[i + 4]
+  tags[i + 1] = ARGV[i + 4]
+  tokens[i + 1] = (current_token(KEYS[i + 4], ARGV[4], px))
 end
 write_entry(KEYS[1], ARGV[2], ttl, tkeys, tags, tokens)
 signal(KEYS[3], ARGV[1])
