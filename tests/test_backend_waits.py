@@ -42,7 +42,8 @@ async def hold_and_wait(holder: Backend, waiter: Backend, ns: str, key: str = "k
 
 
 async def start_waiting(watch: FillWatch, timeout: float = PATIENCE) -> asyncio.Task[bool]:
-    """Start ``watch.wait`` in a task and let it block."""
+    """Start ``watch.wait`` in a task and let it block (it does in its first step: a few
+    ticks are plenty, and a signal sent before it blocks is kept for it anyway)."""
     task = asyncio.ensure_future(watch.wait(timeout))
     for _ in range(5):
         await asyncio.sleep(0)
@@ -54,6 +55,87 @@ async def recheck(backend: Backend, ns: str, key: str = "k") -> None:
     """The read a waiter makes right after entering its watch: the lease is still held."""
     again = await backend.fetch(ns, key, TAGS, LEASE)
     assert again.payload is None and again.lease is None
+
+
+# ---------------------------------------------------------------- spies (also used by other modules)
+
+
+class _Progress:
+    """A count a test can wait for (at most PATIENCE seconds: more means something is broken)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    def _bump(self) -> None:
+        self.count += 1
+        self._changed.set()
+
+    async def reach(self, count: int) -> None:
+        """Wait until the count is at least ``count``."""
+
+        async def until() -> None:
+            while self.count < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(until(), PATIENCE)
+        except asyncio.TimeoutError:
+            pytest.fail(f"{type(self).__name__}: {self.count} after {PATIENCE} s, expected {count}")
+
+
+class Returns(_Progress):
+    """Counts the calls of an async method of ``obj`` that returned (the method is wrapped
+    on that instance only).
+
+    When a test waiting in :meth:`reach` resumes, the caller that got the reply has
+    already acted on it up to its next ``await``: after a ``fetch`` that missed, a
+    :class:`~tagcache.Cache` caller has joined the load in progress or moved on to
+    wait for another caller's fill.
+    """
+
+    def __init__(self, obj: Any, method: str) -> None:
+        super().__init__()
+        original = getattr(obj, method)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
+            self._bump()
+            return result
+
+        setattr(obj, method, counted)
+
+
+class Waiting(_Progress):
+    """Counts the callers that entered ``FillWatch.wait`` on ``backend`` (its ``watch``
+    is wrapped on that instance only): callers blocked until the key is signalled."""
+
+    def __init__(self, backend: Any) -> None:
+        super().__init__()
+        original = backend.watch
+
+        def watch(ns: str, key: str) -> FillWatch:
+            return _CountedWatch(original(ns, key), self)
+
+        backend.watch = watch
+
+
+class _CountedWatch:
+    def __init__(self, inner: FillWatch, waiting: Waiting) -> None:
+        self._inner = inner
+        self._waiting = waiting
+
+    async def __aenter__(self) -> _CountedWatch:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._inner.__aexit__(*exc_info)
+
+    async def wait(self, timeout: float) -> bool:
+        self._waiting._bump()
+        return await self._inner.wait(timeout)
 
 
 # ---------------------------------------------------------------- what wakes a watcher
@@ -348,7 +430,10 @@ async def wait_all(tasks: list[asyncio.Task[Any]]) -> list[Any]:
 @pytest.mark.redis
 async def test_waiting_sends_nothing_to_redis(redis_url: str, wire: Wire) -> None:
     ns = unique_namespace()
-    async with RedisBackend.from_url(redis_url) as holder, RedisBackend.from_url(wire.url) as waiter:
+    async with (
+        RedisBackend.from_url(redis_url, socket_timeout=PATIENCE) as holder,
+        RedisBackend.from_url(wire.url, socket_timeout=PATIENCE) as waiter,
+    ):
         held = await holder.fetch(ns, "k", TAGS, LEASE)
         assert held.lease is not None
         callers = 200

@@ -23,12 +23,35 @@ from tagcache import (
     SerializationError,
     ValueTooLargeError,
 )
-from tagcache.backends import Backend
+from tagcache.backends import Backend, MemoryBackend
 from tagcache.testing import caching_disabled
 
 from tests.conftest import unique_namespace
+from tests.test_backend_waits import Returns, Waiting
 
 MISSING = object()
+
+
+class Clock:
+    """Time for a test on any backend kind: the memory backend reads this fake clock,
+    which :meth:`pass_time` moves on; Redis keeps its own time, so there it sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.real = False
+
+    def __call__(self) -> float:
+        return self.now
+
+    def backend(self, make_backend: Callable[..., Backend]) -> Backend:
+        backend = make_backend(clock=self)
+        self.real = not isinstance(backend, MemoryBackend)
+        return backend
+
+    async def pass_time(self, seconds: float) -> None:
+        self.now += seconds
+        if self.real:
+            await asyncio.sleep(seconds)
 
 
 class Source:
@@ -77,13 +100,16 @@ async def test_delete_reports_whether_stored(cache: Cache) -> None:
     assert await cache.delete("k") is False
 
 
-async def test_ttl_expires_entry(cache: Cache) -> None:
-    await cache.set("short", 1, ttl=0.2)
+async def test_ttl_expires_entry(make_backend: Callable[..., Backend]) -> None:
+    clock = Clock()
+    cache = Cache(clock.backend(make_backend), namespace=unique_namespace())
+    await cache.set("short", 1, ttl=0.3)
     await cache.set("long", 2, ttl=timedelta(seconds=60))
-    assert await cache.get("short") == 1
-    await asyncio.sleep(0.35)
+    assert await cache.get("short") == 1  # on Redis: read well within 0.3 s of the write
+    await clock.pass_time(0.35)  # on Redis: 0.35 s at least since the write, over 0.3 s plus ms rounding
     assert await cache.get("short") is None
     assert await cache.get("long") == 2
+    await cache.clear()
 
 
 async def test_zero_ttl_stores_nothing_and_removes_current(cache: Cache) -> None:
@@ -190,14 +216,19 @@ async def test_get_or_set_loader_error_caches_nothing(cache: Cache) -> None:
 
 async def test_concurrent_get_or_set_share_one_load(cache: Cache) -> None:
     loads = 0
+    gate = asyncio.Event()
+    fetched = Returns(cache.backend, "fetch")
 
     async def slow() -> dict[str, int]:
         nonlocal loads
         loads += 1
-        await asyncio.sleep(0.05)
+        await gate.wait()
         return {"n": 1}
 
-    results = await asyncio.gather(*(cache.get_or_set("k", slow, tags=["t"]) for _ in range(50)))
+    callers = asyncio.gather(*(cache.get_or_set("k", slow, tags=["t"]) for _ in range(50)))
+    await fetched.reach(50)  # every caller missed while the load was running
+    gate.set()
+    results = await callers
     assert loads == 1
     assert all(r == {"n": 1} for r in results)
     results[0]["n"] = 99  # each caller has its own copy
@@ -206,14 +237,19 @@ async def test_concurrent_get_or_set_share_one_load(cache: Cache) -> None:
 
 async def test_waiters_get_the_loader_exception(cache: Cache) -> None:
     calls = 0
+    gate = asyncio.Event()
+    fetched = Returns(cache.backend, "fetch")
 
     async def boom() -> int:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.05)
+        await gate.wait()
         raise KeyError("missing row")
 
-    results = await asyncio.gather(*(cache.get_or_set("k", boom) for _ in range(5)), return_exceptions=True)
+    callers = asyncio.gather(*(cache.get_or_set("k", boom) for _ in range(5)), return_exceptions=True)
+    await fetched.reach(5)  # every caller missed: one loads, the others joined its load
+    gate.set()
+    results = await callers
     assert calls == 1
     assert all(isinstance(r, KeyError) for r in results)
     assert await cache.get("k", MISSING) is MISSING
@@ -221,19 +257,22 @@ async def test_waiters_get_the_loader_exception(cache: Cache) -> None:
 
 async def test_cancelled_leader_hands_over_to_a_waiter(cache: Cache) -> None:
     started = asyncio.Event()
+    never = asyncio.Event()
+    fetched = Returns(cache.backend, "fetch")
     calls = 0
 
     async def loader() -> str:
         nonlocal calls
         calls += 1
-        started.set()
-        await asyncio.sleep(0.1)
+        if calls == 1:
+            started.set()
+            await never.wait()  # the leader is cancelled while loading
         return "loaded"
 
     leader = asyncio.create_task(cache.get_or_set("k", loader))
     await started.wait()
     waiter = asyncio.create_task(cache.get_or_set("k", loader))
-    await asyncio.sleep(0.02)
+    await fetched.reach(2)  # the waiter missed and joined the leader's load
     leader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await leader
@@ -245,14 +284,16 @@ async def test_cancelled_leader_hands_over_to_a_waiter(cache: Cache) -> None:
 async def test_invalidation_during_load_is_not_overwritten(cache: Cache) -> None:
     src = Source("old")
     gate = asyncio.Event()
+    started = asyncio.Event()
 
     async def slow_load() -> str:
         value = src.value  # read the source ...
+        started.set()
         await gate.wait()  # ... and take a while to return
         return value
 
     task = asyncio.create_task(cache.get_or_set("k", slow_load, tags=["t"]))
-    await asyncio.sleep(0.02)
+    await started.wait()
     src.value = "new"
     await cache.invalidate_tags(["t"])
     gate.set()
@@ -264,18 +305,22 @@ async def test_invalidation_during_load_is_not_overwritten(cache: Cache) -> None
 async def test_caller_after_invalidation_does_not_join_older_load(cache: Cache) -> None:
     src = Source("old")
     gate = asyncio.Event()
+    started = asyncio.Event()
+    waiting = Waiting(cache.backend)
 
     async def slow_load() -> str:
         value = src.value
+        started.set()
         await gate.wait()
         return value
 
     first = asyncio.create_task(cache.get_or_set("k", slow_load, tags=["t"]))
-    await asyncio.sleep(0.02)
+    await started.wait()
     src.value = "new"
     await cache.invalidate_tags(["t"])
     second = asyncio.create_task(cache.get_or_set("k", slow_load, tags=["t"]))
-    await asyncio.sleep(0.02)
+    # Not joining the older load, it waits for the first caller's lease to be given back.
+    await waiting.reach(1)
     gate.set()
     assert await first == "old"
     assert await second == "new"
@@ -283,13 +328,15 @@ async def test_caller_after_invalidation_does_not_join_older_load(cache: Cache) 
 
 async def test_delete_during_load_prevents_store(cache: Cache) -> None:
     gate = asyncio.Event()
+    started = asyncio.Event()
 
     async def slow_load() -> str:
+        started.set()
         await gate.wait()
         return "loaded"
 
     task = asyncio.create_task(cache.get_or_set("k", slow_load))
-    await asyncio.sleep(0.02)
+    await started.wait()
     await cache.delete("k")
     gate.set()
     assert await task == "loaded"
@@ -298,13 +345,15 @@ async def test_delete_during_load_prevents_store(cache: Cache) -> None:
 
 async def test_set_during_load_wins(cache: Cache) -> None:
     gate = asyncio.Event()
+    started = asyncio.Event()
 
     async def slow_load() -> str:
+        started.set()
         await gate.wait()
         return "loaded"
 
     task = asyncio.create_task(cache.get_or_set("k", slow_load))
-    await asyncio.sleep(0.02)
+    await started.wait()
     await cache.set("k", "explicit")
     gate.set()
     await task
@@ -318,17 +367,20 @@ async def test_other_process_waits_for_the_lease_holder(make_backend: Callable[.
     one = Cache(backend, namespace=ns, owns_backend=False)
     two = Cache(backend, namespace=ns, owns_backend=False)
     gate = asyncio.Event()
+    started = asyncio.Event()
+    waiting = Waiting(backend)
     second_loads = Source("two")
 
     async def slow() -> str:
+        started.set()
         await gate.wait()
         return "one"
 
     first = asyncio.create_task(one.get_or_set("k", slow))
-    await asyncio.sleep(0.02)
+    await started.wait()
     second = asyncio.create_task(two.get_or_set("k", second_loads.load))
-    await asyncio.sleep(0.1)
-    assert not second.done()  # waiting, not loading
+    await waiting.reach(1)
+    assert not second.done() and second_loads.loads == 0  # waiting, not loading
     gate.set()
     assert await first == "one"
     assert await asyncio.wait_for(second, 5) == "one"  # woken by the fill
@@ -345,16 +397,20 @@ async def test_waiter_in_other_process_takes_over_from_a_failed_holder(
     one = Cache(backend, namespace=ns, owns_backend=False)
     two = Cache(backend, namespace=ns, owns_backend=False)
     gate = asyncio.Event()
+    started = asyncio.Event()
+    waiting = Waiting(backend)
     second_loads = Source("two")
 
     async def failing() -> str:
+        started.set()
         await gate.wait()
         raise RuntimeError("holder failed")
 
     first = asyncio.create_task(one.get_or_set("k", failing))
-    await asyncio.sleep(0.02)
+    await started.wait()
     second = asyncio.create_task(two.get_or_set("k", second_loads.load))
-    await asyncio.sleep(0.1)
+    await waiting.reach(1)  # the second "process" waits for the holder
+    assert second_loads.loads == 0
     if outcome == "raises":
         gate.set()
         with pytest.raises(RuntimeError):

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from tagcache import BackendError, Cache, ConfigurationError
 from tagcache.backends import Backend, MemoryBackend
 
 from tests.conftest import unique_namespace
+from tests.test_backend_waits import Returns, Waiting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,14 +152,19 @@ async def test_none_is_cached_and_exceptions_are_not(cache: Cache) -> None:
 
 async def test_thousand_concurrent_callers_run_the_function_once(cache: Cache) -> None:
     calls = Counter()
+    gate = asyncio.Event()
+    fetched = Returns(cache.backend, "fetch")
 
     @cache.cached(ttl=60, tags=["t"])
     async def slow(x: int) -> dict[str, int]:
         calls.calls += 1
-        await asyncio.sleep(0.05)
+        await gate.wait()
         return {"x": x}
 
-    results = await asyncio.gather(*(slow(1) for _ in range(1000)))
+    callers = asyncio.gather(*(slow(1) for _ in range(1000)))
+    await fetched.reach(1000)  # every caller missed while the function was running
+    gate.set()
+    results = await callers
     assert calls.calls == 1
     assert all(r == {"x": 1} for r in results)
 
@@ -165,18 +172,21 @@ async def test_thousand_concurrent_callers_run_the_function_once(cache: Cache) -
 async def test_cancelled_caller_does_not_poison_waiters(cache: Cache) -> None:
     calls = Counter()
     started = asyncio.Event()
+    never = asyncio.Event()
+    fetched = Returns(cache.backend, "fetch")
 
     @cache.cached(ttl=60)
     async def slow() -> str:
         calls.calls += 1
-        started.set()
-        await asyncio.sleep(0.1)
+        if calls.calls == 1:
+            started.set()
+            await never.wait()  # the first caller is cancelled while computing
         return "done"
 
     first = asyncio.create_task(slow())
     await started.wait()
     others = [asyncio.create_task(slow()) for _ in range(5)]
-    await asyncio.sleep(0.01)
+    await fetched.reach(6)  # the five others missed and joined the first caller's computation
     first.cancel()
     assert await asyncio.gather(*others) == ["done"] * 5
     assert calls.calls == 2
@@ -243,54 +253,88 @@ async def test_stale_while_revalidate_serves_stale_and_refreshes_once(cache: Cac
     version = Counter()
     gate = asyncio.Event()
     gate.set()
+    filled = Returns(cache.backend, "fill")
 
-    @cache.cached(ttl=0.2, stale_while_revalidate=30, jitter=0)
+    @cache.cached(ttl=0.1, stale_while_revalidate=30, jitter=0)
     async def value() -> int:
         await gate.wait()
         version.calls += 1
         return version.calls
 
     assert await value() == 1
-    await asyncio.sleep(0.3)  # expired, inside the stale window
+    # Expired, inside the stale window. Real time: the logical expiry is wall-clock time,
+    # and any wait longer than the TTL reaches it.
+    await asyncio.sleep(0.15)
     gate.clear()  # the refresh will block until released
     results = await asyncio.gather(*(value() for _ in range(20)))
     assert results == [1] * 20  # served at once, stale
     gate.set()
-    for _ in range(100):
-        if await value() == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert await value() == 2
+    await filled.reach(2)  # the first fill, then the background refresh's
     assert version.calls == 2  # exactly one background refresh
+    assert await value() == 2
 
 
 async def test_early_refresh_keeps_a_hot_key_warm(cache: Cache) -> None:
-    """A hot key read continuously across several expiries is refreshed about once
-    per TTL, in the background: no read waits for a recompute."""
-    calls = Counter()
-    ttl, duration = 1.0, 3.2
+    """A hot key read continuously across several expiries is refreshed shortly before
+    each expiry, about once per TTL, in the background: no read waits for a recompute.
 
-    @cache.cached(ttl=ttl, early_refresh=True, jitter=0)
+    Real time: early refresh is decided against wall-clock time. XFetch starts a
+    refresh about ``delta * beta * ln(reads per second * delta * beta)`` before
+    expiry; here ``delta * beta`` is about 0.02 s and readers keep up thousands of
+    reads per second, which puts refreshes some 0.05 to 0.2 s before each expiry.
+    The checks accept anything from just before the expiry to, on average, 0.35 s
+    before it, and nothing depends on how long a read or a refresh takes.
+    """
+    ttl, refreshes = 1.0, 3
+    began: list[float] = []  # wall-clock time at which each computation began
+    ended: list[float] = []  # ... and ended: its value expires at least ttl later
+    asked: list[float] = []  # wall-clock time at which each background refresh asked for the lease
+    backend: Any = cache.backend
+    lease = backend.lease
+
+    async def timed_lease(*args: Any) -> Any:
+        asked.append(time.time())
+        return await lease(*args)
+
+    backend.lease = timed_lease
+
+    @cache.cached(ttl=ttl, early_refresh=True, beta=0.5, jitter=0)
     async def hot() -> int:
-        calls.calls += 1
-        await asyncio.sleep(0.01)
-        return calls.calls
+        began.append(time.time())
+        await asyncio.sleep(0.04)  # a computation that takes a while: delta
+        ended.append(time.time())
+        return len(began)
 
-    await hot()
-    misses_before = (await cache.stats()).misses
-    loop = asyncio.get_running_loop()
-    end = loop.time() + duration
+    assert await hot() == 1
+    before = await cache.stats()
     reads = 0
-    while loop.time() < end:
-        await hot()
-        reads += 1
-        await asyncio.sleep(0.0005)
-    misses_after = (await cache.stats()).misses
-    assert misses_after == misses_before, "a read waited for a recompute"
-    refreshes = calls.calls - 1
-    assert refreshes >= 3, "the key must have been refreshed before each expiry"
-    assert refreshes <= (duration / ttl) * 1.1, f"{refreshes} refreshes in {duration / ttl} TTL windows"
-    assert reads > 1000
+    done = asyncio.Event()
+
+    async def reader() -> None:
+        nonlocal reads
+        while not done.is_set():
+            if await hot() == 1 + refreshes:
+                done.set()
+            reads += 1
+            await asyncio.sleep(0.001)
+
+    readers = [asyncio.create_task(reader()) for _ in range(32)]
+    try:
+        await asyncio.wait_for(done.wait(), 10 * ttl * refreshes)  # takes about ttl * refreshes
+    finally:
+        done.set()
+        await asyncio.gather(*readers)
+    after = await cache.stats()
+    assert after.misses == before.misses, "a read waited for a recompute"
+    assert after.hits - before.hits == reads
+    # One computation per refresh, each started by a read but run in the background.
+    assert len(began) == len(asked) + 1 == 1 + refreshes
+    for n in range(refreshes):
+        assert asked[n] < ended[n] + ttl, f"refresh {n + 1} began after the value it replaces expired"
+    # About once per TTL: the refreshes are spread over at least refreshes - 1 TTLs
+    # (a refresh started, say, halfway through each TTL would fail this).
+    spread = began[refreshes] - ended[0]
+    assert spread >= (refreshes - 1) * ttl, f"{refreshes} refreshes in {spread:.2f} s"
 
 
 # ---------------------------------------------------------------- failures
@@ -439,15 +483,22 @@ async def test_other_process_waits_for_the_lease_holder(make_backend: Callable[.
     one = Cache(backend, namespace=ns, owns_backend=False)
     two = Cache(backend, namespace=ns, owns_backend=False)
     calls = Counter()
+    gate = asyncio.Event()
+    waiting = Waiting(backend)
 
     async def body(x: int) -> int:
         calls.calls += 1
-        await asyncio.sleep(0.2)
+        await gate.wait()
         return x
 
     f_one = one.cached(ttl=60)(body)
     f_two = two.cached(ttl=60)(body)
-    results = await asyncio.gather(*(f_one(1) for _ in range(50)), *(f_two(1) for _ in range(50)))
+    callers = asyncio.gather(*(f_one(1) for _ in range(50)), *(f_two(1) for _ in range(50)))
+    # The callers of the "process" holding the lease share its call; those of the
+    # other one all wait for its value.
+    await waiting.reach(50)
+    gate.set()
+    results = await callers
     assert results == [1] * 100
     assert calls.calls == 1
     await one.clear()
@@ -460,19 +511,23 @@ async def test_lock_false_computes_instead_of_waiting(make_backend: Callable[...
     two = Cache(backend, namespace=ns, owns_backend=False)
     calls = Counter()
     gate = asyncio.Event()
+    computing = [asyncio.Event(), asyncio.Event()]
 
     async def body(x: int) -> int:
         calls.calls += 1
+        computing[calls.calls - 1].set()
         await gate.wait()
         return x
 
     f_one = one.cached(ttl=60, lock=False)(body)
     f_two = two.cached(ttl=60, lock=False)(body)
     first = asyncio.create_task(f_one(1))
-    await asyncio.sleep(0.05)
+    await computing[0].wait()  # the first "process" holds the lease and computes
     second = asyncio.create_task(f_two(1))
-    await asyncio.sleep(0.05)
-    assert calls.calls == 2  # the second "process" did not wait
+    # The second "process" computes too instead of waiting for the lease holder:
+    # if it waited, this would time out (the first cannot finish before the gate opens).
+    await asyncio.wait_for(computing[1].wait(), 5)
+    assert calls.calls == 2
     gate.set()
     assert await first == await second == 1
     await one.clear()
@@ -485,8 +540,10 @@ async def test_waiter_takes_over_when_the_holder_dies(make_backend: Callable[...
     holder = Cache(backend, namespace=ns, owns_backend=False, lease_ttl=0.3)
     waiter = Cache(backend, namespace=ns, owns_backend=False, lease_ttl=0.3)
     never = asyncio.Event()
+    holding = asyncio.Event()
 
     async def hang() -> str:
+        holding.set()
         await never.wait()
         return "never"
 
@@ -494,7 +551,9 @@ async def test_waiter_takes_over_when_the_holder_dies(make_backend: Callable[...
         return "taken over"
 
     stuck = asyncio.create_task(holder.get_or_set("k", hang))
-    await asyncio.sleep(0.05)
+    await holding.wait()  # the holder has the lease; it will neither fill nor release it
+    # The waiter waits lease_ttl (real time: a Redis lease expires by Redis's clock),
+    # then finds the lease expired and loads. 5 s: only reached when something is broken.
     assert await asyncio.wait_for(waiter.get_or_set("k", load), 5) == "taken over"
     assert await waiter.get("k") == "taken over"
     stuck.cancel()
@@ -543,15 +602,18 @@ async def test_result_tag_invalidated_while_computing_is_not_stored(cache: Cache
     def tags_of(result: dict[str, str], **args: Any) -> list[str]:
         return [f"post:{args['post_id']}"]
 
+    computing = asyncio.Event()
+
     @cache.cached(ttl=60, tags=tags_of)
     async def get_post(post_id: int) -> dict[str, str]:
         calls.calls += 1
         seen = dict(source)
+        computing.set()
         await gate.wait()
         return seen
 
     first = asyncio.create_task(get_post(1))
-    await asyncio.sleep(0.05)
+    await computing.wait()
     source["title"] = "new"
     await cache.invalidate_tags(["post:1"])  # the result's tag, unknown before it was computed
     gate.set()

@@ -74,7 +74,8 @@ def make_machine(kind: str, redis_url: str | None) -> type[RuleBasedStateMachine
                     assert redis_url is not None
 
                     async def make_backend() -> Backend:
-                        return RedisBackend.from_url(redis_url)
+                        # Not a test of timeouts: a loaded machine must not fail it with one.
+                        return RedisBackend.from_url(redis_url, socket_timeout=5.0)
 
                     backend = self.run(make_backend())
             self.cache = Cache(backend, namespace=unique_namespace("sm"), default_ttl=None)
