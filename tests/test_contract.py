@@ -454,6 +454,12 @@ async def test_keys_lists_matching_keys_of_namespace(cache: Cache) -> None:
     assert await cache.keys("nothing:*") == []
 
 
+@pytest.mark.parametrize("pattern", ["user:\ud800*", "a\nb", ""])
+async def test_keys_rejects_patterns_that_cannot_be_sent(cache: Cache, pattern: str) -> None:
+    with pytest.raises(ValueError, match="pattern"):
+        await cache.keys(pattern)
+
+
 async def test_peek_shows_entry_without_counting_a_hit(cache: Cache) -> None:
     await cache.set("k", [1, 2], ttl=100, tags=["b", "a"])
     view = await cache.peek("k")

@@ -46,7 +46,8 @@ P = ParamSpec("P")
 D = TypeVar("D")
 
 _NAMESPACE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, and lone surrogates (not encodable as UTF-8): never in a pattern.
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 #: When true in the current context, every cache reads as a miss and writes nothing.
 #: Set it with :func:`tagcache.testing.caching_disabled`.
@@ -615,7 +616,10 @@ class Cache:
         be listed. ``limit=None`` lists all.
         """
         if not isinstance(pattern, str) or not pattern or _CONTROL.search(pattern):
-            raise ValueError(f"pattern must be a non-empty str without control characters, got {pattern!r}")
+            raise ValueError(
+                f"pattern must be a non-empty str without control characters or lone surrogates, "
+                f"got {pattern!r}"
+            )
         if limit is not None and (type(limit) is not int or limit <= 0):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         return await self._backend.keys(self._ns, pattern, limit)
