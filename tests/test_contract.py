@@ -486,7 +486,7 @@ async def test_stats_count_operations(cache: Cache) -> None:
     assert (stats.hits, stats.misses, stats.sets, stats.invalidations, stats.deletes) == (2, 1, 1, 2, 1)
     assert stats.hit_ratio == pytest.approx(2 / 3)
     assert stats.errors == 0
-    assert stats.keys is not None and stats.keys >= 0
+    assert stats.server_keys is not None and stats.server_keys >= 0
     assert stats.as_dict()["hit_ratio"] == stats.hit_ratio
 
 

@@ -204,7 +204,7 @@ async def test_methods_static_and_class_methods(cache: Cache) -> None:
         def __init__(self, ident: int) -> None:
             self.id = ident
 
-        @cache.cached(ttl=60)
+        @cache.cached(ttl=60, ignore=("self",))  # shared by every instance, on purpose
         async def shared(self, x: int) -> int:
             calls.calls += 1
             return x * 2
@@ -226,9 +226,12 @@ async def test_methods_static_and_class_methods(cache: Cache) -> None:
             calls.calls += 1
             return f"{cls.__name__}{x}"
 
+    class SubRepo(Repo):
+        pass
+
     a, b = Repo(1), Repo(2)
     assert await a.shared(3) == 6
-    assert await b.shared(3) == 6  # self is not part of the default key
+    assert await b.shared(3) == 6  # self is ignored: instances share the entry
     assert calls.calls == 1
     assert a.shared.key_for(3) == b.shared.key_for(3)
     assert await a.per_instance(3) == 4
@@ -241,9 +244,15 @@ async def test_methods_static_and_class_methods(cache: Cache) -> None:
     assert await Repo.klass(1) == "Repo1"
     assert await a.klass(1) == "Repo1"
     assert calls.calls == 5
+    # cls is keyed by the class the method is called on: a subclass has entries of its own.
+    assert await SubRepo.klass(1) == "SubRepo1"
+    assert await SubRepo(3).klass(1) == "SubRepo1"
+    assert calls.calls == 6
+    assert SubRepo.klass.key_for(1) != Repo.klass.key_for(1)
+    assert a.klass.key_for(1) == Repo.klass.key_for(1)
     assert await a.per_instance.invalidate(3) is True
     await a.per_instance(3)
-    assert calls.calls == 6
+    assert calls.calls == 7
 
 
 # ---------------------------------------------------------------- staleness

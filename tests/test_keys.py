@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import inspect
 import json
+import numbers
 import os
 import subprocess
 import sys
+import typing
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NewType, Protocol, TypeVar
 from uuid import UUID
 
 import pytest
@@ -26,7 +30,7 @@ from tagcache.exceptions import (
     TagCacheError,
     UnsupportedArgumentError,
 )
-from tagcache.keys import KeyBuilder, TagTemplates
+from tagcache.keys import KeyBuilder, TagTemplates, is_keyable_type
 from tagcache.tags import MAX_KEY_LENGTH
 
 from tests import keyfuncs
@@ -299,6 +303,7 @@ def test_unsupported_argument_names_the_parameter_and_the_remedies() -> None:
     assert "Opaque" in message
     assert "key=" in message
     assert "ignore=('session',)" in message
+    assert "{session.id}" not in message  # a session has no id worth keying: no such hint
     assert isinstance(info.value, TypeError)
     assert isinstance(info.value, TagCacheError)
 
@@ -333,14 +338,14 @@ def test_sentinel_default_is_keyed_as_the_default() -> None:
 # -- methods ---------------------------------------------------------------------------------------
 
 
-def test_self_is_not_part_of_the_default_key() -> None:
-    build = KeyBuilder(Repository.find)
+def test_by_default_self_is_not_part_of_the_key() -> None:
+    build = KeyBuilder(Repository.find)  # kind="auto": what the golden keys use
     assert build.parameters == ("name", "active")
     assert build((Repository(1), "x"), {}) == build((Repository(2), "x"), {})
     assert build((Repository(1), "x"), {}) != build((Repository(1), "y"), {})
 
 
-def test_cls_is_not_part_of_the_default_key() -> None:
+def test_by_default_cls_is_not_part_of_the_key() -> None:
     build = KeyBuilder(Repository.__dict__["by_kind"].__func__)
 
     class Sub(Repository):
@@ -357,6 +362,63 @@ def test_template_naming_self_keys_per_instance() -> None:
     assert build((Repository(2), "x"), {}) == "repo:2:x"
 
 
+def test_a_method_must_say_what_identifies_the_instance() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        KeyBuilder(Repository.find, kind="function")
+    message = str(info.value)
+    assert "Repository.find()" in message
+    assert 'key="repository:{self.id}:{name}:{active}"' in message
+    assert 'ignore=("self",)' in message
+    shared = KeyBuilder(Repository.find, ignore=("self",), kind="function")
+    assert shared.parameters == ("name", "active")
+    assert shared((Repository(1), "x"), {}) == shared((Repository(2), "x"), {})
+    templated = KeyBuilder(Repository.find, key="repo:{self.id}:{name}", kind="function")
+    assert templated((Repository(1), "x"), {}) == "repo:1:x"
+    assert templated((Repository(2), "x"), {}) == "repo:2:x"
+
+
+def test_a_classmethod_is_keyed_by_the_class_it_is_called_on() -> None:
+    func = Repository.__dict__["by_kind"].__func__
+    build = KeyBuilder(func, kind="class")
+
+    class Sub(Repository):
+        pass
+
+    assert build.parameters == ("cls", "kind")
+    assert build((Repository, "a"), {}) != build((Sub, "a"), {})
+    assert build((Sub, "a"), {}) == build((Sub, "a"), {})
+    assert build((Sub, "a"), {}) != build((Sub, "b"), {})
+    assert KeyBuilder(func, kind="class", ignore=("cls",)).parameters == ("kind",)
+    with pytest.raises(UnsupportedArgumentError, match="'cls'"):
+        build((Repository(1), "a"), {})  # an instance where the class belongs
+
+
+def test_classmethod_keys_name_the_class_and_are_stable() -> None:
+    """Keyed by the class's module and qualified name: equal across processes."""
+    func = Repository.__dict__["by_kind"].__func__
+    key = KeyBuilder(func, kind="class")((Repository, "admin"), {})
+    code = (
+        "from tests.keyfuncs import Repository; from tagcache.keys import KeyBuilder; "
+        "print(KeyBuilder(Repository.__dict__['by_kind'].__func__, kind='class')((Repository, 'admin'), {}))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "random"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == key
+    assert key != KeyBuilder(func)((Repository, "admin"), {})
+
+
+def test_static_kind_treats_no_parameter_specially() -> None:
+    async def first_is_self(self: int, x: int) -> None: ...
+
+    first_is_self.__qualname__ = "Tools.first_is_self"  # as if defined in a class
+    assert KeyBuilder(first_is_self, kind="static").parameters == ("self", "x")
+    with pytest.raises(ConfigurationError, match="kind must be"):
+        KeyBuilder(first_is_self, kind="bound")  # type: ignore[arg-type]  # bad input on purpose
+
+
 def test_a_nested_function_with_a_self_parameter_is_not_a_method() -> None:
     def helper(self: Any) -> None: ...
 
@@ -368,6 +430,162 @@ def test_self_in_a_plain_function_is_an_ordinary_parameter() -> None:
 
 
 def _module_level_self(self: int, x: int) -> None: ...
+
+
+# -- annotations -----------------------------------------------------------------------------------
+
+
+class Session:
+    """A stand-in for a database session: its instances have no key encoding."""
+
+
+class Readable(Protocol):
+    def read(self) -> bytes: ...
+
+
+class AbstractStore(abc.ABC):
+    @abc.abstractmethod
+    def get(self) -> int: ...
+
+
+T = TypeVar("T")
+UserId = NewType("UserId", int)
+SessionId = NewType("SessionId", Session)
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [
+        Any,
+        object,
+        None,
+        type(None),
+        int,
+        bool,
+        str,
+        Name,
+        Pair,
+        Color,
+        Level,
+        Point,
+        Profile,
+        datetime,
+        UUID,
+        Decimal,
+        list[Session],  # empty, it is keyed
+        dict[str, Session],
+        Session | None,
+        typing.Optional[Session],  # noqa: UP045 - the typing spelling on purpose
+        typing.Union[Session, int],  # noqa: UP007 - the typing spelling on purpose
+        Literal["a", 1],
+        Annotated[int, "meta"],
+        UserId,
+        T,
+        "Session",  # an unresolved string: left to the call
+        Sequence[int],
+        Mapping[str, int],
+        Hashable,
+        numbers.Number,
+        Readable,
+        AbstractStore,
+        Callable[[], int],
+    ],
+)
+def test_annotations_that_are_not_rejected(annotation: Any) -> None:
+    assert is_keyable_type(annotation)
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [
+        Session,
+        Opaque,
+        bytearray,
+        complex,
+        type,
+        type[int],
+        Annotated[Session, "meta"],
+        SessionId,
+        Session | Opaque,
+    ],
+)
+def test_annotations_that_are_rejected(annotation: Any) -> None:
+    assert not is_keyable_type(annotation)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        1,
+        True,
+        1.5,
+        "s",
+        b"b",
+        None,
+        (1,),
+        [1],
+        {1: 2},
+        {1},
+        frozenset({1}),
+        date(2024, 1, 1),
+        datetime(2024, 1, 1),
+        time(1),
+        timedelta(1),
+        UUID(int=1),
+        Decimal("1"),
+        Color.RED,
+        Level.LOW,
+        Point(1, 2),
+        Profile(name="a"),
+        Pair(1, 2),
+        Name("n"),
+        Session(),
+        Opaque(),
+        bytearray(b"x"),
+        1j,
+        Opaque,
+        lambda: 1,
+    ],
+)
+def test_the_annotation_rule_agrees_with_the_call_time_encoding(value: Any) -> None:
+    """For a value's own class, decoration time and call time give the same answer."""
+    try:
+        key_of(value)
+    except UnsupportedArgumentError:
+        keyable = False
+    else:
+        keyable = True
+    assert is_keyable_type(type(value)) is keyable
+
+
+def _with_session(user_id: int, session: Session) -> None: ...
+
+
+def _with_session_and_unresolvable(user_id: int, session: Session, other: NotDefinedAnywhere) -> None: ...  # type: ignore[name-defined]  # noqa: F821 - unresolvable on purpose
+
+
+def test_an_unkeyable_annotation_fails_at_construction() -> None:
+    with pytest.raises(UnsupportedArgumentError) as info:
+        KeyBuilder(_with_session)
+    message = str(info.value)
+    assert "_with_session()" in message
+    assert "'session'" in message
+    assert "tests.test_keys.Session" in message
+    assert "ignore=('session',)" in message
+    assert "{session.id}" not in message
+    # One unresolvable annotation does not hide the others.
+    with pytest.raises(UnsupportedArgumentError, match="'session'"):
+        KeyBuilder(_with_session_and_unresolvable, ignore=("other",))
+    # The fixes.
+    assert KeyBuilder(_with_session, ignore=("session",)).parameters == ("user_id",)
+    assert KeyBuilder(_with_session, key="u:{user_id}").parameters == ("user_id",)
+
+
+def test_an_unresolvable_annotation_is_checked_at_call_time() -> None:
+    build = KeyBuilder(_with_session_and_unresolvable, ignore=("session",))
+    assert build((1, Session(), 2), {}) == build((1, None, 2), {})
+    with pytest.raises(UnsupportedArgumentError, match="'other'"):
+        build((1, Session(), Session()), {})
 
 
 # -- ignore ----------------------------------------------------------------------------------------

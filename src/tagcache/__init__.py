@@ -25,6 +25,7 @@ from tagcache.exceptions import (
     UnsupportedArgumentError,
     ValueTooLargeError,
 )
+from tagcache.sentinel import MISSING, Missing
 from tagcache.stats import CacheStats
 from tagcache.warming import CacheWarmer, JobReport, JobStats, WarmingReport
 
@@ -45,6 +46,8 @@ __all__ = [
     "JobStats",
     "JsonCodec",
     "KeyBoundCodec",
+    "MISSING",
+    "Missing",
     "PickleCodec",
     "SerializationError",
     "TagCacheError",

@@ -830,6 +830,9 @@ class Cache:
 
     # ------------------------------------------------------------------ decorator
 
+    @overload
+    def cached(self, ttl: Callable[P, Awaitable[T]], /) -> CachedFunction[P, T]: ...
+    @overload
     def cached(
         self,
         ttl: float | timedelta | _Unset | None = _UNSET,
@@ -843,11 +846,29 @@ class Cache:
         jitter: float = 0.05,
         lock: bool = True,
         fail_open: bool | None = None,
-    ) -> Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]:
+    ) -> Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]: ...
+
+    def cached(
+        self,
+        ttl: float | timedelta | _Unset | Callable[P, Awaitable[T]] | None = _UNSET,
+        *,
+        key: str | None = None,
+        tags: Sequence[str] | Callable[..., Iterable[str]] | None = None,
+        ignore: Iterable[str] = (),
+        stale_while_revalidate: float | timedelta = 0,
+        early_refresh: bool = False,
+        beta: float = 1.0,
+        jitter: float = 0.05,
+        lock: bool = True,
+        fail_open: bool | None = None,
+    ) -> CachedFunction[P, T] | Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]:
         """Cache an async function's results::
 
             @cache.cached(ttl=600, tags=["users", "user:{user_id}"])
             async def get_user(user_id: int) -> User: ...
+
+            @cache.cached  # the same as @cache.cached(): every option at its default
+            async def list_plans() -> list[Plan]: ...
 
         Args:
             ttl: seconds or ``timedelta``; ``None`` for no expiry; omitted: the cache's ``default_ttl``.
@@ -855,7 +876,9 @@ class Cache:
                 ``module.qualname:`` plus a hash of the bound arguments (stable across processes).
             tags: templates formatted from the arguments (``"user:{user_id}"``), or a callable
                 ``tags(result, **arguments)`` returning the tags of a result.
-            ignore: parameters left out of the key (a database session, say).
+            ignore: parameters left out of the key (a database session, say). A method
+                (first parameter ``self``) needs ``ignore=("self",)`` (instances share its
+                entries) or a ``key`` naming ``self`` (``key="repo:{self.id}:{x}"``).
             stale_while_revalidate: seconds after expiry during which the stale value is
                 returned at once while one caller refreshes it in the background.
             early_refresh: refresh a hot entry shortly before it expires (XFetch), so the
@@ -875,8 +898,10 @@ class Cache:
         arguments: pass resources that outlive the request (an engine or a
         session factory, not a request's session) to functions using them.
         """
-        from tagcache.decorator import DEFAULT, make_decorator
+        from tagcache.decorator import DEFAULT, is_decoratable, make_decorator
 
+        if is_decoratable(ttl):  # bare @cache.cached: the function came in place of the TTL
+            return self.cached()(ttl)
         return make_decorator(
             self,
             ttl=DEFAULT if ttl is _UNSET else ttl,
@@ -932,7 +957,21 @@ class Cache:
         (:func:`tagcache.testing.strict`) raises for the value's own problems
         instead. Callers sharing the load receive their own decoded copy of
         the value, or, when it could not be encoded, the loader's object itself.
+
+        ``loader`` is the function, not its result: passing a coroutine object
+        (``get_or_set(key, load())``) or a value raises :class:`TypeError`
+        before the backend is touched (a coroutine object is closed).
         """
+        if not callable(loader):
+            what = f"{type(loader).__name__} ({loader!r:.80})"
+            if asyncio.iscoroutine(loader):
+                loader.close()  # never awaited on purpose: no "never awaited" warning
+                what = f"the coroutine object {getattr(loader, '__qualname__', 'loader')}()"
+            raise TypeError(
+                f"get_or_set needs a function returning an awaitable as loader, got {what}; "
+                "pass the function itself, e.g. get_or_set(key, load) "
+                "or get_or_set(key, lambda: load(x))"
+            )
         key = self._key(key)
         seconds = self._ttl(ttl)
         tag_tuple = check_tags(tags)
@@ -1349,11 +1388,15 @@ class Cache:
     async def stats(self) -> CacheStats:
         """Return this cache's counters and the backend's figures (memory, keys, evictions).
 
-        If the backend cannot be reached, its figures are ``None`` and
-        ``backend["error"]`` says why; the counters are still reported. A
-        backend that knows its own health (a circuit breaker's state, see
-        :class:`~tagcache.backends.base.HealthReporting`) adds it as ``health``,
-        read without a round trip.
+        ``keys`` counts this namespace's entries where the backend can do so
+        without a scan (the memory backend), else it is ``None`` (Redis);
+        ``server_keys``, ``memory_bytes`` and ``evictions`` are backend-wide
+        (for Redis: ``DBSIZE`` and the server's ``INFO``). If the backend
+        cannot be reached, its figures are ``None`` and ``backend["error"]``
+        says why; the counters are still reported. A backend that knows its
+        own health (a circuit breaker's state, see
+        :class:`~tagcache.backends.base.HealthReporting`) adds it as
+        ``health``, read without a round trip.
         """
         try:
             info = await self._backend.info()
@@ -1366,7 +1409,7 @@ class Cache:
             except Exception as exc:  # a report must not fail because one figure did
                 health = {"error": f"{type(exc).__name__}: {exc}"}
         return CacheStats.from_counters(
-            self._counters, info, pending_invalidations=len(self._pending), health=health
+            self._counters, info, pending_invalidations=len(self._pending), health=health, namespace=self._ns
         )
 
     def reset_stats(self) -> None:

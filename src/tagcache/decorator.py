@@ -16,7 +16,7 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeGuard, TypeVar
 
 from tagcache.cache import LoadPolicy
 from tagcache.exceptions import ConfigurationError
@@ -53,7 +53,7 @@ class CachedFunction(Generic[P, R]):
         tags: TagsSpec,
         ignore: Iterable[str],
         policy: LoadPolicy,
-        kind: str = "function",
+        kind: Literal["function", "class", "static"] = "function",
     ) -> None:
         if not inspect.iscoroutinefunction(func):
             raise TypeError(
@@ -65,7 +65,7 @@ class CachedFunction(Generic[P, R]):
         self._ttl = ttl
         self._policy = policy
         self._kind = kind
-        self._keys = KeyBuilder(func, key=key, ignore=ignore)
+        self._keys = KeyBuilder(func, key=key, ignore=ignore, kind=kind)
         self._result_tags_fn: Callable[..., Iterable[str]] | None = None
         if callable(tags):
             self._tag_templates = TagTemplates(func, ())
@@ -148,7 +148,9 @@ class CachedFunction(Generic[P, R]):
         (classmethods) or nothing (staticmethods)."""
         if self._kind == "static":
             return self
-        target = owner if self._kind == "class" else instance
+        target: object = instance
+        if self._kind == "class":  # the class it is called on: a subclass's calls are keyed by the subclass
+            target = owner if owner is not None else type(instance)
         if target is None:
             return self
         return _BoundCached(self, target)
@@ -214,8 +216,11 @@ def make_decorator(
         raise ConfigurationError(
             "stale_while_revalidate and early_refresh need a TTL: entries without expiry never go stale"
         )
-    if isinstance(ignore, str):
-        raise ConfigurationError(f"ignore must be a list of parameter names, got the bare string {ignore!r}")
+    if isinstance(ignore, (str, bytes)):  # the same message as KeyBuilder's, before any other check
+        raise ConfigurationError(
+            f"ignore must be a list of parameter names, got the bare string {ignore!r:.80}; "
+            f"write ignore=({ignore!r:.80},)"
+        )
     if not isinstance(fail_open, bool):
         raise ConfigurationError(
             f"fail_open must be True, False or None (the cache's setting), got {fail_open!r}"
@@ -230,7 +235,7 @@ def make_decorator(
     )
 
     def decorate(func: Any) -> Any:
-        kind = "function"
+        kind: Literal["function", "class", "static"] = "function"
         if isinstance(func, staticmethod):
             kind, func = "static", func.__func__
         elif isinstance(func, classmethod):
@@ -240,6 +245,12 @@ def make_decorator(
         )
 
     return decorate
+
+
+def is_decoratable(obj: object) -> TypeGuard[Callable[..., Any]]:
+    """Whether ``@cache.cached`` received the function itself (written without parentheses)
+    instead of a TTL: a callable, or a staticmethod/classmethod object."""
+    return callable(obj) or isinstance(obj, (staticmethod, classmethod))
 
 
 class _Default:

@@ -37,11 +37,32 @@ Default keys
     unsupported type (a sentinel such as ``_MISSING = object()``) is keyed as
     "the default" when it receives that very object.
 
+    A parameter in the default key *annotated* with a type whose values can
+    never be keyed (a database session, a request: any class that is none of
+    the above) raises the same error when the :class:`KeyBuilder` is made,
+    that is at decoration time. :func:`is_keyable_type` decides, from the
+    same rules as the call-time encoding: ``Any``, ``object``, abstract
+    classes and protocols, unions with a keyable member and unannotated
+    parameters are not rejected; an annotation that cannot be resolved (a
+    name imported only under ``TYPE_CHECKING``) is left to the call-time
+    check. The annotation is taken as the promise: a concrete class whose
+    own instances cannot be keyed is rejected even if a subclass could be.
+
 Methods
-    The first parameter of a function defined in a class, when it is named
-    ``self`` or ``cls``, is left out of the default key: every instance of the
-    class shares the entries of a method. To key per instance, name it in a
-    template: ``key="user:{self.id}:{page}"``.
+    ``KeyBuilder(func, kind=...)`` says how the function is bound:
+
+    * ``"function"`` (what ``@cache.cached`` passes for a plain function or a
+      method): a method (defined in a class, first parameter ``self``) must
+      say what identifies the instance: ``ignore=("self",)`` to share the
+      entries of all instances on purpose, or a key template naming ``self``
+      (``key="user:{self.id}:{page}"``); otherwise :class:`ConfigurationError`.
+      A method whose first parameter is ``cls`` is keyed like a classmethod.
+    * ``"class"`` (a classmethod's function): the first parameter is keyed by
+      the qualified name of the class the method is called on, so two classes
+      sharing an inherited classmethod have different keys.
+    * ``"static"``: no parameter is special.
+    * ``"auto"`` (the default, for direct use): the first parameter of a
+      method, when named ``self`` or ``cls``, is left out of the default key.
 
 Key templates
     ``key="feed:{user.id}:{page}"`` is formatted with :meth:`str.format`
@@ -61,17 +82,19 @@ import inspect
 import operator
 import re
 import sys
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from string import Formatter
-from typing import Any, Final
+from typing import Any, Final, Literal
 from uuid import UUID
 
 from tagcache.exceptions import ConfigurationError, UnsupportedArgumentError
 from tagcache.tags import check_key, check_tags
 
-__all__ = ["KeyBuilder", "TagTemplates", "UnsupportedArgumentError"]
+__all__ = ["KeyBuilder", "TagTemplates", "UnsupportedArgumentError", "is_keyable_type"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,6 +114,7 @@ __all__ = ["KeyBuilder", "TagTemplates", "UnsupportedArgumentError"]
 #   dataclass "C<class path as str><n>:<field name as str><value>..."
 #   pydantic model "P<class path as str><model_dump(mode='json')>"
 #   parameter default of an unsupported type "~"
+#   the class a classmethod is called on "K<class path as str>"
 #
 # Changing any of this changes every default key (golden keys in the tests catch it).
 
@@ -297,6 +321,107 @@ def _encode_other(value: Any) -> str:
     raise _Unsupported(value)
 
 
+def is_keyable_type(annotation: object) -> bool:
+    """Whether values annotated ``annotation`` may have a default-key encoding.
+
+    ``False`` only when no value of the type can be keyed: a class that is
+    none of the supported types (see the module documentation), judged by the
+    rules :func:`_encode_other` applies to a value of that class. ``True`` for
+    anything that cannot be decided: ``Any``, ``object``, type variables,
+    unresolved (string) annotations, abstract classes and protocols (their
+    values are of other classes), a union with a keyable member, and a generic
+    alias whose container is keyable (``list[Session]`` holds nothing when
+    empty).
+    """
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    supertype = getattr(annotation, "__supertype__", None)  # typing.NewType
+    if supertype is not None:
+        return is_keyable_type(supertype)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(is_keyable_type(arg) for arg in typing.get_args(annotation))
+    if origin is typing.Annotated:
+        return is_keyable_type(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return True
+    if origin is not None:
+        annotation = origin
+    if not isinstance(annotation, type):
+        return True  # TypeVar, ParamSpec, ForwardRef, a string, a special form: undecidable
+    return _class_is_keyable(annotation)
+
+
+def _class_is_keyable(cls: type) -> bool:
+    """Whether values of ``cls`` may be encoded; the rules of :func:`_encode_other`, for a class."""
+    if cls is object:
+        return True
+    for base in cls.__mro__:
+        if base in _ENCODERS:  # a supported type or a subclass of one
+            return True
+    if issubclass(cls, enum.Enum) or dataclasses.is_dataclass(cls):
+        return True
+    pydantic = sys.modules.get("pydantic")
+    base_model = getattr(pydantic, "BaseModel", None) if pydantic is not None else None
+    if isinstance(base_model, type) and issubclass(cls, base_model):
+        return True
+    if inspect.isabstract(cls) or getattr(cls, "_is_protocol", False):
+        return True  # instances are of concrete subclasses, or of any class matching the protocol
+    try:  # an ABC a supported type is registered with or matches (numbers.Number, Hashable, ...)
+        return any(issubclass(supported, cls) for supported in _ENCODERS)
+    except TypeError:
+        return True
+
+
+def _check_annotations(
+    func: Callable[..., Any], params: Sequence[inspect.Parameter], keyed: Sequence[str], class_at: int
+) -> None:
+    """Raise UnsupportedArgumentError for a parameter of the default key annotated with a
+    type that :func:`is_keyable_type` rejects (so that every call would fail)."""
+    hints = _resolved_annotations(func, params)
+    included = set(keyed)
+    for i, p in enumerate(params):
+        if (
+            i == class_at
+            or p.name not in included
+            or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            or p.name not in hints
+        ):
+            continue
+        annotation = hints[p.name]
+        if not is_keyable_type(annotation):
+            shown = _type_name(annotation) if isinstance(annotation, type) else repr(annotation)
+            raise UnsupportedArgumentError(
+                f"cannot build cache keys for {_describe(func)}: parameter {p.name!r} is annotated "
+                f"{shown}, which has no stable key encoding (supported: None, bool, int, float, str, "
+                "bytes, tuple, list, dict, set, frozenset, date/time types, UUID, Decimal, enums, "
+                f"dataclasses, pydantic models); pass ignore=({p.name!r},) to leave it out of the key, "
+                'or key="..." to build the key from chosen fields of the other arguments'
+            )
+
+
+def _resolved_annotations(func: Callable[..., Any], params: Sequence[inspect.Parameter]) -> dict[str, Any]:
+    """The annotations of ``func``'s parameters, resolved; those that cannot be are left out."""
+    try:
+        return typing.get_type_hints(func)
+    except Exception:  # any failure (a name imported only under TYPE_CHECKING): one by one below
+        pass
+    namespace = getattr(inspect.unwrap(func), "__globals__", None)
+    hints: dict[str, Any] = {}
+    for p in params:
+        annotation = p.annotation
+        if annotation is _EMPTY:
+            continue
+        if isinstance(annotation, str):
+            holder = types.SimpleNamespace(__annotations__={"a": annotation})
+            try:
+                annotation = typing.get_type_hints(holder, globalns=namespace)["a"]
+            except Exception:  # unresolvable: left to the call-time check
+                continue
+        hints[p.name] = annotation
+    return hints
+
+
 # Copying a prepared hash object is faster than constructing one with parameters.
 _HASH: Final = hashlib.blake2b(digest_size=16)
 
@@ -386,14 +511,21 @@ class KeyBuilder:
             name a parameter. Omitted: a default key
             ``"<module>.<qualname>:<digest of the arguments>"`` (see the module
             documentation for the supported argument types).
-        ignore: names of parameters to leave out of the default key (a
-            database session, a logger). Each must be a parameter of ``func``.
+        ignore: names of parameters to leave out of the default key (a database
+            session, a logger). Each must be a parameter of ``func``.
             With ``key=`` the template alone decides what is in the key.
+        kind: how ``func`` is bound: ``"function"``, ``"class"``
+            (classmethod), ``"static"`` or ``"auto"`` (see "Methods" in the
+            module documentation).
 
     Raises:
         ConfigurationError: (a ``ValueError``) when a template field or an
             ``ignore`` entry names no parameter, a parameter is both ignored
-            and named in the template, or ``ignore`` is a bare string.
+            and named in the template, ``ignore`` is a bare string, or a
+            method (``kind="function"``) says neither ``ignore=("self",)``
+            nor a key naming ``self``.
+        UnsupportedArgumentError: (a ``TypeError``) a parameter in the
+            default key is annotated with a type that cannot be keyed.
     """
 
     __slots__ = (
@@ -401,6 +533,7 @@ class KeyBuilder:
         "_all_positional",
         "_by_keyword",
         "_by_name",
+        "_class_at",
         "_defaults",
         "_fast",
         "_included",
@@ -426,7 +559,12 @@ class KeyBuilder:
     parameters: tuple[str, ...]
 
     def __init__(
-        self, func: Callable[..., Any], *, key: str | None = None, ignore: Iterable[str] = ()
+        self,
+        func: Callable[..., Any],
+        *,
+        key: str | None = None,
+        ignore: Iterable[str] = (),
+        kind: Literal["auto", "function", "class", "static"] = "auto",
     ) -> None:
         sig = _signature(func)
         self.func = func
@@ -437,9 +575,11 @@ class KeyBuilder:
 
         if isinstance(ignore, (str, bytes)):
             raise ConfigurationError(
-                f"ignore must be a collection of parameter names, got the bare string {ignore!r:.80}; "
+                f"ignore must be a list of parameter names, got the bare string {ignore!r:.80}; "
                 f"write ignore=({ignore!r:.80},)"
             )
+        if kind not in ("auto", "function", "class", "static"):
+            raise ConfigurationError(f"kind must be 'auto', 'function', 'class' or 'static', got {kind!r}")
         ignored: set[str] = set()
         for name in ignore:
             if name not in names:
@@ -449,6 +589,7 @@ class KeyBuilder:
                 )
             ignored.add(name)
 
+        self._class_at = -1  # 0 when the first parameter is keyed by the class it holds (classmethods)
         if key is not None:
             used = _template_fields(key, names, "key template")
             both = sorted(used & ignored)
@@ -467,9 +608,22 @@ class KeyBuilder:
             qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or "<function>"
             self.prefix = self._prefix = f"{module}.{qualname}:"
             check_key(self.prefix + _digest(""))  # a digest adds 32 hex digits, never anything invalid
-            if _is_method(qualname, params):
-                ignored.add(params[0].name)
+            method = _is_method(qualname, params)
+            if kind == "auto":
+                if method:
+                    ignored.add(params[0].name)
+            elif kind == "class" or (kind == "function" and method and params[0].name == "cls"):
+                if not params or params[0].kind not in _POSITIONAL:
+                    raise ConfigurationError(
+                        f"{_describe(func)} is a classmethod without a positional first parameter "
+                        "for the class"
+                    )
+                if params[0].name not in ignored:
+                    self._class_at = 0
+            elif kind == "function" and method and "self" not in ignored:
+                raise ConfigurationError(_method_needs_identity(func, qualname, names))
             self.parameters = tuple(n for n in names if n not in ignored)
+            _check_annotations(func, params, self.parameters, self._class_at)
 
         included = set(self.parameters)
         self._included: tuple[tuple[int, str], ...] = tuple(
@@ -499,6 +653,8 @@ class KeyBuilder:
         )
         self._by_keyword = tuple(k is not inspect.Parameter.POSITIONAL_ONLY for k in kinds)
         self._defaults = tuple(p.default for p in params)
+        if self._class_at == 0:
+            self.__class__ = _ClassKeyBuilder
 
     def __repr__(self) -> str:
         what = f"key={self.template!r}" if self.template is not None else f"prefix={self.prefix!r}"
@@ -626,13 +782,52 @@ class KeyBuilder:
             f"cannot build a cache key for {_describe(self.func)}: argument {name!r}{inside}, "
             "which has no stable key encoding (supported: None, bool, int, float, str, bytes, tuple, list, "
             "dict, set, frozenset, date/time types, UUID, Decimal, enums, dataclasses, pydantic models); "
-            f'pass key="..." to build the key from chosen fields (e.g. "{{{name}.id}}"), '
-            f"or ignore=({name!r},) to leave it out of the key"
+            f"pass ignore=({name!r},) to leave it out of the key, "
+            'or key="..." to build the key from chosen fields of the other arguments'
         )
+
+
+class _ClassKeyBuilder(KeyBuilder):
+    """A :class:`KeyBuilder` whose first parameter holds a class (a classmethod's ``cls``),
+    keyed by the class's path. A separate class, so that other functions' keys pay
+    nothing for it."""
+
+    __slots__ = ()
+
+    def _from_values(self, values: Sequence[Any]) -> str:
+        owner = values[0]
+        if not isinstance(owner, type):
+            return super()._from_values(values)  # raises, naming the parameter
+        included = self._included
+        parts = [included[0][1], "K", _class_path(owner)]
+        encoders = _ENCODERS
+        for i, label in included[1:]:
+            value = values[i]
+            enc = encoders.get(type(value))
+            try:
+                text = enc(value) if enc is not None else _encode_other(value)
+            except _Unsupported as exc:
+                text = self._opaque_default(i, label, value, exc)
+            parts.append(label + text)
+        return self._prefix + _digest("".join(parts))
 
 
 def _no_values(kwargs: Mapping[str, Any]) -> tuple[()]:
     return ()
+
+
+_POSITIONAL: Final = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _method_needs_identity(func: Callable[..., Any], qualname: str, names: Sequence[str]) -> str:
+    owner = qualname.rpartition(".")[0].rpartition(".")[2]
+    fields = "".join(f":{{{n}}}" for n in names[1:])
+    return (
+        f"{_describe(func)} is a method, and its default key cannot tell instances apart: "
+        "say what identifies the instance with a key template naming self, e.g. "
+        f'key="{owner.lower()}:{{self.id}}{fields}", '
+        'or pass ignore=("self",) if all instances should share its entries'
+    )
 
 
 def _is_method(qualname: str, params: list[inspect.Parameter]) -> bool:

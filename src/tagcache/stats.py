@@ -79,9 +79,15 @@ class Counters:
 class CacheStats:
     """A snapshot of a cache's counters, plus what its backend knows about itself.
 
-    Counters are per :class:`~tagcache.Cache` object (per process); backend
-    figures (``keys``, ``memory_bytes``, ``evictions``) are the backend's own
-    and ``None`` where it does not know them.
+    Counters are per :class:`~tagcache.Cache` object (per process). ``keys``
+    counts this cache's namespace where the backend can do so without a scan
+    (the memory backend can; Redis cannot, so it is ``None`` there). The other
+    backend figures (``server_keys``, ``memory_bytes``, ``evictions``) are
+    backend-wide, shared by every namespace (for Redis: the whole server or
+    database), and ``None`` where the backend does not know them.
+
+    Every figure is a field, ``hit_ratio`` included (computed at construction),
+    so :meth:`as_dict` and :func:`dataclasses.asdict` both carry all of them.
     """
 
     hits: int
@@ -93,7 +99,11 @@ class CacheStats:
     #: Corrupt or foreign payloads read (served as misses), backend failures, values
     #: not stored, and calls that stopped waiting for another caller's load.
     errors: int
+    #: Entries stored in this cache's namespace, including expired entries not
+    #: reclaimed yet; ``None`` where the backend cannot count them cheaply (Redis).
     keys: int | None = None
+    #: Backend-wide, as are ``evictions``: bytes used by the backend (for Redis the
+    #: server's ``used_memory``).
     memory_bytes: int | None = None
     evictions: int | None = None
     backend: dict[str, Any] = field(default_factory=dict)
@@ -110,12 +120,18 @@ class CacheStats:
     #: state, ``breaker_opened``, ``breaker_open_since``, and its timeouts);
     #: empty for a backend without :class:`~tagcache.backends.base.HealthReporting`.
     health: dict[str, Any] = field(default_factory=dict)
+    #: Keys the whole backend holds, every namespace together (for Redis: the
+    #: database's ``DBSIZE``, which also counts tagcache's tag tokens and leases
+    #: and any other program's keys in that database).
+    server_keys: int | None = None
+    #: ``hits / (hits + misses)``, or ``0.0`` before the first read. Computed from
+    #: ``hits`` and ``misses`` when the snapshot is made; not a constructor argument.
+    hit_ratio: float = field(init=False)
 
-    @property
-    def hit_ratio(self) -> float:
-        """``hits / (hits + misses)``, or ``0.0`` before the first read."""
+    def __post_init__(self) -> None:
         total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+        # frozen: a computed field is set the way dataclasses set fields themselves
+        object.__setattr__(self, "hit_ratio", self.hits / total if total else 0.0)
 
     @classmethod
     def from_counters(
@@ -125,8 +141,17 @@ class CacheStats:
         *,
         pending_invalidations: int = 0,
         health: Mapping[str, object] | None = None,
+        namespace: str | None = None,
     ) -> CacheStats:
-        """Combine the cache's counters with the backend's figures."""
+        """Combine the cache's counters with the backend's figures.
+
+        ``keys`` is the backend's entry count for ``namespace`` when the backend
+        reports counts per namespace (:attr:`BackendInfo.entries`), else ``None``;
+        the backend-wide ``info.keys`` becomes ``server_keys``.
+        """
+        keys = None
+        if namespace is not None and info.entries is not None:
+            keys = info.entries.get(namespace, 0)
         return cls(
             hits=counters.hits,
             misses=counters.misses,
@@ -134,7 +159,8 @@ class CacheStats:
             deletes=counters.deletes,
             invalidations=counters.invalidations,
             errors=counters.errors,
-            keys=info.keys,
+            keys=keys,
+            server_keys=info.keys,
             memory_bytes=info.memory_bytes,
             evictions=info.evictions,
             backend=dict(info.extra),
@@ -156,6 +182,7 @@ class CacheStats:
             "not_stored": self.not_stored,
             "pending_invalidations": self.pending_invalidations,
             "keys": self.keys,
+            "server_keys": self.server_keys,
             "memory_bytes": self.memory_bytes,
             "evictions": self.evictions,
             "backend": dict(self.backend),

@@ -69,9 +69,16 @@ class EntryInfo:
 
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
-    """Figures a backend knows about itself; ``None`` where it does not know."""
+    """Figures a backend knows about itself; ``None`` where it does not know.
 
-    #: Keys the backend holds (for Redis: the whole database, all namespaces).
+    Figures are backend-wide: one backend may serve several namespaces (and a
+    Redis database may hold other programs' keys). Only ``entries`` is split
+    by namespace, and only where the backend can count without a scan.
+    """
+
+    #: Keys the whole backend holds, every namespace together. For Redis this is
+    #: the database's ``DBSIZE``: all namespaces, tagcache's tag tokens, leases and
+    #: generation keys, and any other program's keys in the same database.
     keys: int | None = None
     #: Bytes of memory used by stored data.
     memory_bytes: int | None = None
@@ -79,6 +86,12 @@ class BackendInfo:
     evictions: int | None = None
     #: Backend-specific figures.
     extra: Mapping[str, object] = field(default_factory=dict)
+    #: Entries stored per namespace, where the backend can count them without a
+    #: scan (:class:`~tagcache.backends.MemoryBackend` can); ``None`` otherwise
+    #: (:class:`~tagcache.backends.RedisBackend`: counting one namespace's keys
+    #: would be a ``SCAN`` of the whole database). A namespace with no entries
+    #: may be absent (read it as ``0``).
+    entries: Mapping[str, int] | None = None
 
 
 class FillWatch(Protocol):

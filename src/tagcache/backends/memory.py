@@ -320,14 +320,16 @@ class MemoryBackend:
     async def info(self) -> BackendInfo:
         """Return sizes and the eviction count.
 
-        ``keys`` and ``memory_bytes`` (payload plus key lengths) count what is
-        held, including expired entries not reclaimed yet; ``extra`` holds the
+        ``keys`` (entries of every namespace), ``entries`` (per namespace) and
+        ``memory_bytes`` (payload plus key lengths) count what is held,
+        including expired entries not reclaimed yet; ``extra`` holds the
         limits and the number of tag tokens and leases held.
         """
         return BackendInfo(
             keys=len(self._lru),
             memory_bytes=self._bytes,
             evictions=self._evictions,
+            entries={ns: len(space.entries) for ns, space in self._spaces.items() if space.entries},
             extra={
                 "max_entries": self._max_entries,
                 "max_bytes": self._max_bytes,

@@ -1541,9 +1541,12 @@ class RedisBackend:
     async def info(self) -> BackendInfo:
         """Return the database's key count (``DBSIZE``), ``used_memory`` and ``evicted_keys``.
 
-        ``extra`` holds ``maxmemory``, ``maxmemory_policy``, ``expired_keys``,
-        ``keyspace_hits``, ``keyspace_misses`` and ``redis_version`` where
-        the server reports them.
+        None of the three is per namespace: ``keys`` counts every key of the database
+        (every namespace, tagcache's own bookkeeping keys, other programs'
+        keys). ``entries`` per namespace is ``None``: counting them would need
+        a ``SCAN`` of the whole database. ``extra`` holds ``maxmemory``,
+        ``maxmemory_policy``, ``expired_keys``, ``keyspace_hits``,
+        ``keyspace_misses`` and ``redis_version`` where the server reports them.
         """
         cmds = [
             _pack(b"INFO", b"memory"),
