@@ -54,13 +54,14 @@ async def read_load(
     *,
     mode: str,
     callers: int,
-    duration: float,
+    calls: int,
     cancel_rate: float,
     seed: int,
 ) -> Result:
-    """``callers`` concurrent readers for ``duration`` seconds through ``mode``
+    """``callers`` concurrent readers making ``calls`` calls each through ``mode``
     (``"get_or_set"`` or ``"decorator"``); a ``cancel_rate`` share of calls is
-    cancelled after a random number of event-loop steps."""
+    cancelled after a random number of event-loop steps. A fixed number of calls,
+    not a fixed time: what the run does does not depend on the machine's speed."""
     ns = cache.namespace
     result = Result()
 
@@ -79,15 +80,9 @@ async def read_load(
             return decorated(item)
         return cache.get_or_set(f"item:{item}", lambda: load(item), ttl=60, tags=[f"item:{item}"])
 
-    deadline = time.monotonic() + duration
-
     async def reader(n: int) -> None:
         rng = random.Random(seed * 7919 + n)
-        items = zipf(rng, 50_000)
-        i = 0
-        while time.monotonic() < deadline:
-            item = items[i % len(items)]
-            i += 1
+        for item in zipf(rng, calls):
             floor = int(await db.get(f"floor:{ns}:{item}") or 0)
             task = asyncio.ensure_future(call(item))
             if rng.random() < cancel_rate:
@@ -122,20 +117,22 @@ async def read_load(
     return result
 
 
-async def write_load(cache: Cache, db: redis.Redis, *, duration: float, seed: int) -> int:
-    """Bump, invalidate, raise the floor; about 200 writes a second. Returns the writes made."""
+async def write_load(cache: Cache, db: redis.Redis, *, until: Awaitable[object], seed: int) -> int:
+    """Bump, invalidate, raise the floor, about 200 times a second, until ``until`` is done.
+    Returns the writes made."""
     ns = cache.namespace
     rng = random.Random(seed)
     items = zipf(rng, 100_000)
-    deadline = time.monotonic() + duration
+    done = asyncio.ensure_future(until)
     writes = 0
-    while time.monotonic() < deadline:
+    while not done.done():
         item = items[writes % len(items)]
         version = int(await db.incr(f"src:{ns}:{item}"))
         await cache.invalidate_tags([f"item:{item}"])
         await db.set(f"floor:{ns}:{item}", version)
         writes += 1
-        await asyncio.sleep(0.005)
+        await asyncio.wait((done,), timeout=0.005)
+    await done
     return writes
 
 
@@ -150,7 +147,7 @@ async def _main() -> None:
     parser.add_argument("namespace")
     parser.add_argument("--mode", default="decorator")
     parser.add_argument("--callers", type=int, default=50)
-    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--calls", type=int, default=30, help="calls per caller")
     parser.add_argument("--cancel-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--start-at", type=float, default=0.0, help="wall-clock time to start")
@@ -166,7 +163,7 @@ async def _main() -> None:
             db,
             mode=args.mode,
             callers=args.callers,
-            duration=args.duration,
+            calls=args.calls,
             cancel_rate=args.cancel_rate,
             seed=args.seed,
         )

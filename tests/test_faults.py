@@ -198,14 +198,16 @@ async def test_cancelled_callers_never_stall_a_key(redis_url: str, mode: str) ->
     ns = unique_namespace("cancel")
     db = redis.Redis.from_url(redis_url)
     async with Cache.from_url(patient(redis_url), namespace=ns) as cache:
-        reads, _ = await asyncio.gather(
-            read_load(cache, db, mode=mode, callers=50, duration=3.0, cancel_rate=0.05, seed=3),
-            write_load(cache, db, duration=3.0, seed=4),
+        reading = asyncio.ensure_future(
+            read_load(cache, db, mode=mode, callers=50, calls=60, cancel_rate=0.05, seed=3)
         )
+        await write_load(cache, db, until=reading, seed=4)
+        reads = reading.result()
     left = await leases_left(db, ns)
     await db.aclose()
     assert reads.errors == []
-    assert reads.cancelled > 50 and reads.completed > 1000 and reads.loads > 100
+    assert reads.completed + reads.cancelled == 50 * 60
+    assert reads.cancelled > 50 and reads.loads > 50
     assert reads.stale == 0
     assert reads.slow == 0, f"{reads.slow} uncancelled calls waited 1 s or more (worst {reads.worst:.2f} s)"
     assert left == []  # every lease was released (or used) by the time the cache closed
@@ -226,18 +228,19 @@ async def test_cancelled_callers_in_two_processes(redis_url: str) -> None:
         "5",
         "--start-at",
         str(start_at),
-        "--duration",
-        "3",
+        "--calls",
+        "30",
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
     try:
         async with Cache.from_url(patient(redis_url), namespace=ns) as cache:
             await asyncio.sleep(max(0.0, start_at - time.time()))  # start together
-            here, _ = await asyncio.gather(
-                read_load(cache, db, mode="decorator", callers=50, duration=3.0, cancel_rate=0.05, seed=6),
-                write_load(cache, db, duration=3.0, seed=7),
+            reading = asyncio.ensure_future(
+                read_load(cache, db, mode="decorator", callers=50, calls=30, cancel_rate=0.05, seed=6)
             )
+            await write_load(cache, db, until=reading, seed=7)
+            here = reading.result()
         out, _ = await asyncio.wait_for(other.communicate(), 60)
     finally:
         if other.returncode is None:
@@ -248,7 +251,7 @@ async def test_cancelled_callers_in_two_processes(redis_url: str) -> None:
     await db.aclose()
     for seen in (here.as_dict(), there):
         assert seen["errors"] == []
-        assert seen["completed"] > 500 and seen["cancelled"] > 20
+        assert seen["completed"] + seen["cancelled"] == 50 * 30 and seen["cancelled"] > 20
         assert seen["stale"] == 0
         assert seen["slow"] == 0, f"uncancelled calls waited 1 s or more: {seen}"
     assert left == []
