@@ -323,4 +323,4 @@ async def test_invalidations_that_failed_during_a_pause_are_not_lost(
     assert failed_invalidations > 20 and pending_seen > 0  # the outage really lost invalidations
     assert stale == [], f"{len(stale)} stale reads: {stale[:5]}"
     assert stats.pending_invalidations == 0  # all replayed once Redis answered
-    assert stats.hits > 1000  # and the cache served reads again
+    assert stats.hits > 200  # and the cache served reads again (thousands on an idle machine)
