@@ -112,7 +112,8 @@ __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_SOCKET_TIMEOUT", "RedisBackend"]
 
 logger: Final = logging.getLogger("tagcache")
 
-# Errors of the client and the transport that become BackendError.
+# Errors of the client and the transport that become BackendError (by _translate, at
+# the boundary of each public method; an error reply is raised there to be translated).
 _ERRORS: Final = (RedisError, OSError, asyncio.TimeoutError)
 # Of those, the ones that say the server is unreachable or not answering: they
 # count towards opening the circuit breaker (an error reply does not).
@@ -257,11 +258,51 @@ def _describe(pool: Any) -> str:
     return f"Redis at {options.get('host', 'localhost')}:{options.get('port', 6379)}"
 
 
-def _error(op: str, key: str | None, exc: BaseException) -> BackendError:
+def _translate(op: str, key: str | None, exc: BaseException) -> BackendError:
+    """The one translation of a client or transport error (raised, or an error reply
+    read back) into :class:`tagcache.BackendError`: ``Redis <op> of key '<key>' failed:
+    <Type>: <message>``, with ``exc`` as ``__cause__``. A :class:`~tagcache.BackendError`
+    (such as :class:`~tagcache.BackendUnavailableError` while the breaker is open) is
+    returned as it is.
+
+    Used at the boundary of every public method, as ``except _ERRORS as exc: raise
+    _translate(op, key, exc) from exc`` around its work (free in CPython when nothing
+    is raised, so the hot paths pay nothing), and for the futures of batched reads,
+    which carry the error object.
+    """
+    if isinstance(exc, BackendError):
+        return exc
     where = f" of key {key!r}" if key is not None else ""
     err = BackendError(f"Redis {op}{where} failed: {type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
+
+
+def _write_small(conn: AbstractConnection, cmd: bytes) -> bool:
+    """Write the small command ``cmd`` straight to ``conn``'s stream; return ``False``,
+    having written nothing, when the caller must send it with ``send_packed_command``.
+
+    The only use of a redis-py internal, the connection's ``_writer`` stream (absent,
+    or ``None`` while disconnected: then the fallback reconnects).
+    ``send_packed_command`` wraps its write in ``asyncio.wait_for`` (a task per call)
+    whenever ``socket_timeout`` is set, only to guard a drain that a write this small
+    does not need; the read that follows still honours ``socket_timeout``. A
+    connection due a health check takes the fallback too, which runs it.
+    """
+    if conn.health_check_interval or len(cmd) >= _FAST_WRITE_MAX:
+        return False
+    writer = getattr(conn, "_writer", None)
+    if writer is None:
+        return False
+    writer.writelines((cmd,))
+    return True
+
+
+def _set_timeouts(conn: AbstractConnection, socket: float | None, connect: float | None) -> None:
+    """Set the timeouts ``conn`` applies to each later read and reconnect (attributes
+    every redis-py connection has and reads at each use)."""
+    conn.socket_timeout = socket
+    conn.socket_connect_timeout = connect
 
 
 class _Bucket:
@@ -611,8 +652,7 @@ class RedisBackend:
             else:
                 # Every reply and reconnect on a connection the backend holds
                 # waits at most the backend's timeouts, whatever the client says.
-                conn.socket_timeout = self._socket_timeout
-                conn.socket_connect_timeout = self._connect_timeout
+                _set_timeouts(conn, self._socket_timeout, self._connect_timeout)
                 return conn
         waiter: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -638,8 +678,7 @@ class RedisBackend:
 
     async def _give_back(self, conn: AbstractConnection) -> None:
         options = self._pool.connection_kwargs
-        conn.socket_timeout = options.get("socket_timeout")
-        conn.socket_connect_timeout = options.get("socket_connect_timeout")
+        _set_timeouts(conn, options.get("socket_timeout"), options.get("socket_connect_timeout"))
         result = self._pool.release(conn)
         if inspect.isawaitable(result):
             await result
@@ -869,15 +908,7 @@ class RedisBackend:
             return (await self._roundtrip([cmd]))[0]
         conn = self._idle.pop()
         try:
-            writer = conn._writer
-            if writer is not None and not conn.health_check_interval and len(cmd) < _FAST_WRITE_MAX:
-                # A small command on a connected socket: write it straight to
-                # the stream. send_packed_command would wrap the write in
-                # asyncio.wait_for (a task per call) whenever socket_timeout
-                # is set, only to guard a drain that a write this small does
-                # not need; the read below still honours socket_timeout.
-                writer.writelines((cmd,))
-            else:
+            if not _write_small(conn, cmd):
                 await conn.send_packed_command(cmd, conn.health_check_interval != 0)
             reply = await conn.read_response(disable_decoding=True)
         except ResponseError as exc:  # read whole: the connection is fine
@@ -904,39 +935,50 @@ class RedisBackend:
             self._breaker.success()
         return reply
 
-    async def _call(self, op: str, key: str | None, cmds: list[bytes]) -> list[Any]:
-        """Run ``cmds`` in one round trip; raise BackendError for any failure or error reply."""
+    async def _call(self, op: str, key: str | None, cmds: list[bytes], *, tolerate: int = 0) -> list[Any]:
+        """Run ``cmds`` in one round trip; raise BackendError for any failure or error reply
+        (but the first ``tolerate`` replies are returned even as ``ResponseError`` values).
+
+        The boundary of every public method that is not a read (see :func:`_translate`).
+        """
         try:
             replies = await self._roundtrip(cmds)
+            for reply in replies[tolerate:]:
+                if isinstance(reply, ResponseError):
+                    raise reply
         except _ERRORS as exc:
-            raise _error(op, key, exc) from exc
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise _error(op, key, reply) from reply
+            raise _translate(op, key, exc) from exc
         return replies
 
     # -- batched reads -----------------------------------------------------------
 
     async def _read(self, op: str, key: str, cmd: bytes) -> Any:
-        """Send one read command now if no read is in flight, else queue it for the next batch."""
+        """Send one read command now if no read is in flight, else queue it for the next batch.
+
+        The boundary of :meth:`fetch`, :meth:`lease` and :meth:`release` (see
+        :func:`_translate`); a queued read's future carries a translated error already.
+        """
         if not self._breaker.closed and self._breaker.refuses():
             raise self._breaker.error()
-        if self._busy:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._queued_cmds.append((cmd, fut))
-            reply = await fut
-        else:
-            self._busy = True
-            failed = None
-            try:
-                reply = await self._roundtrip_one(cmd)
-            except _ERRORS as exc:
-                failed = exc
-                raise _error(op, key, exc) from exc
-            finally:
-                self._done_direct(failed)
-        if isinstance(reply, ResponseError):
-            raise _error(op, key, reply) from reply
+        try:
+            if self._busy:
+                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._queued_cmds.append((cmd, fut))
+                reply = await fut
+            else:
+                self._busy = True
+                failed = None
+                try:
+                    reply = await self._roundtrip_one(cmd)
+                except _ERRORS as exc:
+                    failed = exc
+                    raise
+                finally:
+                    self._done_direct(failed)
+            if isinstance(reply, ResponseError):
+                raise reply
+        except _ERRORS as exc:
+            raise _translate(op, key, exc) from exc
         return reply
 
     def _done_direct(self, failed: BaseException | None = None) -> None:
@@ -1014,7 +1056,7 @@ class RedisBackend:
             if not fut.done():
                 text = None if key is None else key.decode(errors="replace")
                 # A BackendError (the breaker is open) is passed on as it is.
-                fut.set_exception(exc if isinstance(exc, BackendError) else _error(op, text, exc))
+                fut.set_exception(_translate(op, text, exc))
 
     def _fail_queued(self, exc: BaseException | None = None) -> None:
         """Fail every queued read with ``exc`` (by default: the backend is closed)."""
@@ -1063,15 +1105,15 @@ class RedisBackend:
             reply = await self._roundtrip_one(
                 b"%b$%d\r\n%b\r\n%b" % (bucket.read_one, len(ek), ek, bucket.read_one_args)
             )
-        except _ERRORS as exc:
-            raise _error("get", key, exc) from exc
+            if type(reply) is bytes or reply is None:
+                return reply
+            if type(reply) is int:  # foreign data under the entry key
+                return b""
+            raise reply  # an error reply
+        except _ERRORS as exc:  # the boundary (see _translate)
+            raise _translate("get", key, exc) from exc
         finally:
             self._done_direct()
-        if type(reply) is bytes or reply is None:
-            return reply
-        if type(reply) is int:  # foreign data under the entry key
-            return b""
-        raise _error("get", key, reply) from reply
 
     async def fetch(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
         """Read ``key``; on a miss, snapshot the tokens of ``tags`` and try to take the fill lease.
@@ -1232,8 +1274,8 @@ class RedisBackend:
             except asyncio.TimeoutError:
                 self._break_link(link)
                 raise
-        except _ERRORS as exc:
-            raise _error("watch", key, exc) from exc
+        except _ERRORS as exc:  # the boundary of watch (see _translate)
+            raise _translate("watch", key, exc) from exc
 
     async def _open_link(self) -> _Link:
         """Open the pub/sub connection (outside the pool: it never carries commands) and
@@ -1554,12 +1596,7 @@ class RedisBackend:
             _pack(b"INFO", b"server"),
             _pack(b"DBSIZE"),
         ]
-        try:
-            replies = await self._roundtrip(cmds)
-        except _ERRORS as exc:
-            raise _error("info", None, exc) from exc
-        if isinstance(replies[3], ResponseError):
-            raise _error("info", None, replies[3]) from replies[3]
+        replies = await self._call("info", None, cmds, tolerate=3)
         fields: dict[str, str] = {}
         for text in replies[:3]:
             if isinstance(text, ResponseError):  # INFO is not available everywhere (e.g. fakeredis)
