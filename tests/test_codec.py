@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tagcache.codec import Codec, JsonCodec, KeyBoundCodec, PickleCodec
+from tagcache.codec import Codec, JsonCodec, KeyBoundCodec, PickleCodec, _dataclass_fingerprint
 from tagcache.exceptions import ConfigurationError, SerializationError
 
 pydantic = pytest.importorskip("pydantic")
@@ -458,7 +458,13 @@ def test_decoding_never_imports_the_module_a_payload_names(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, name, raising=False)  # and drop it again after the test
-    payload = JsonCodec.TAGGED_MARKER + orjson.dumps({"$dc": [f"{name}:Secret", {"x": 1}]})
+
+    @dataclasses.dataclass
+    class Secret:  # the same fields: the same field fingerprint
+        x: int
+
+    fingerprint = _dataclass_fingerprint(Secret)
+    payload = JsonCodec.TAGGED_MARKER + orjson.dumps({"$dc": [f"{name}:Secret", fingerprint, {"x": 1}]})
     codec = JsonCodec()
     with pytest.raises(SerializationError, match=rf"module '{name}', which is not imported in this process"):
         codec.decode(payload)
@@ -481,7 +487,7 @@ def test_class_lookup_does_not_call_module_getattr(monkeypatch: pytest.MonkeyPat
 
     module.__getattr__ = lazy_getattr  # type: ignore[method-assign]  # PEP 562 module hook
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    payload = JsonCodec.TAGGED_MARKER + orjson.dumps({"$dc": [f"{module.__name__}:Lazy", {}]})
+    payload = JsonCodec.TAGGED_MARKER + orjson.dumps({"$dc": [f"{module.__name__}:Lazy", "00000000", {}]})
     with pytest.raises(SerializationError, match="has no attribute 'Lazy'"):
         JsonCodec().decode(payload)
     assert looked_up == []
@@ -682,6 +688,16 @@ def test_reference_cycle_raises_serialization_error() -> None:
         b'\x02{"$dc":["tests.test_codec:Point",[]]}',
         b'\x02{"$pyd":["tests.test_codec:Point",{},{}]}',
         b'\x02{"$pyd":["tests.test_codec:Model",{},5]}',
+        b'\x02{"$dc":["builtins:int","00000000",{}]}',
+        b'\x02{"$dc":["tests.test_codec:Point","00000000",{}]}',
+        b'\x02{"$dc":["tests.test_codec:Point",5,{}]}',
+        b'\x02{"$dc":["tests.test_codec:Point",[],{}]}',
+        b'\x02{"$dc":["tests.test_codec:Point","00000000",{},{}]}',
+        b'\x02{"$dc":[]}',
+        b'\x02{"$pyd":["tests.test_codec:Point","00000000",{},{}]}',
+        b'\x02{"$pyd":["tests.test_codec:Model","00000000",{},{}]}',
+        b'\x02{"$pyd":["tests.test_codec:Model",null,{},5]}',
+        b'\x02{"$pyd":[5,"00000000",{},5]}',
         b'\x02{"$x":["unknown",1]}',
         b'\x02{"$x":[[],1]}',
     ],

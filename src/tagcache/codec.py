@@ -32,11 +32,12 @@ import hmac
 import pickle
 import re
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from inspect import getattr_static
-from types import ModuleType
+from types import GenericAlias, ModuleType
 from typing import Any, ClassVar, Final, Protocol, TypeVar, runtime_checkable
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -236,6 +237,78 @@ def _class_ref(cls: type, kind: str) -> str:
     return ref
 
 
+# Field fingerprints: a short hash of what an instance's stored fields must match to be valid
+# (see JsonCodec), computed once per class.
+_FINGERPRINT_SIZE: Final = 4  # bytes of blake2b: 8 hex characters in each payload
+_ADDRESS: Final = re.compile(r" at 0x[0-9A-Fa-f]+")
+_DATACLASS_FINGERPRINTS: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+_MODEL_FINGERPRINTS: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+
+
+def _describe_annotation(annotation: object) -> str:
+    """A description of a declared type that is the same in every process running the same code.
+
+    A string annotation (``from __future__ import annotations``, or a quoted
+    forward reference) is taken as written, a class by its qualified name,
+    anything else by its ``repr``, without the memory addresses that the
+    default ``repr`` of an object inside ``Annotated[...]`` contains.
+    """
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type) and not isinstance(annotation, GenericAlias):
+        return _type_name(annotation)  # "int", "datetime.datetime": as a string annotation names it
+    try:
+        text = repr(annotation)
+    except Exception:
+        text = _type_name(type(annotation))
+    return _ADDRESS.sub("", text)
+
+
+def _fingerprint(lines: list[str]) -> str:
+    return hashlib.blake2b("\n".join(lines).encode(), digest_size=_FINGERPRINT_SIZE).hexdigest()
+
+
+def _dataclass_fingerprint(cls: type) -> str:
+    """Return the field fingerprint of a dataclass: its field names and declared types."""
+    found = _DATACLASS_FINGERPRINTS.get(cls)
+    if found is None:
+        fields = sorted(f"{f.name}: {_describe_annotation(f.type)}" for f in dataclasses.fields(cls))
+        found = _DATACLASS_FINGERPRINTS[cls] = _fingerprint(["dataclass", *fields])
+    return found
+
+
+def _model_fingerprint(cls: Any) -> str:
+    """Return the field fingerprint of a pydantic model.
+
+    It covers the names and annotations of ``model_fields``, the names of the
+    private attributes and the ``extra`` setting: the parts of the pickle
+    state an instance is restored from.
+    """
+    found: str | None = _MODEL_FINGERPRINTS.get(cls)
+    if found is None:
+        fields = sorted(
+            f"{name}: {_describe_annotation(info.annotation)}" for name, info in cls.model_fields.items()
+        )
+        private = sorted(f"private {name}" for name in cls.__private_attributes__)
+        extra = f"extra {cls.model_config.get('extra')!r}"
+        found = _fingerprint(["pydantic", *fields, *private, extra])
+        if getattr(cls, "__pydantic_complete__", True):  # else its annotations may still change
+            _MODEL_FINGERPRINTS[cls] = found
+    return found
+
+
+def _unfingerprinted(x: list[Any], kind: str) -> SerializationError:
+    """The error for a dataclass or model node stored without a field fingerprint (or malformed)."""
+    ref = x[0] if x and type(x[0]) is str else None
+    if ref is None or len(x) != (2 if kind == "dataclass" else 3):
+        return SerializationError(f"cannot decode payload: malformed {kind} node")
+    return SerializationError(
+        f"cannot decode payload: {kind} {ref!r} was stored without a field fingerprint (by an earlier "
+        "version of tagcache), so its fields cannot be checked against the class; it is treated as "
+        "stored before a change of the class"
+    )
+
+
 def _fail_unsupported(value: object) -> _EncodeFailure:
     return _EncodeFailure(f"objects of type {_type_name(type(value))} are not supported; {_HINT}")
 
@@ -285,8 +358,28 @@ class JsonCodec:
     defined inside a function cannot be found by name and must be registered
     with :meth:`register`, as must any other type. Dataclasses and models
     are restored field by field without calling ``__init__`` or validators,
-    the way :mod:`pickle` restores them; dataclass fields missing from an
-    older payload get their default.
+    the way :mod:`pickle` restores them.
+
+    Schema changes: each dataclass or model instance is stored with the
+    *field fingerprint* of its class, 8 hex characters of a BLAKE2b hash of
+    the field names and declared types (as written, or the class's name or
+    the type's ``repr``; for a model, the annotations of ``model_fields``, the names of its private
+    attributes and its ``extra`` setting). Field order, defaults, validators
+    and methods are not part of it. Decoding compares the stored fingerprint
+    with the class's current one and raises
+    :class:`~tagcache.exceptions.SerializationError` when they differ, so a
+    value stored before a field was added, removed, renamed or retyped never
+    becomes an instance that lacks a field or holds one of the wrong type; a
+    cache reading it counts an error and a miss, and computes and stores the
+    value again. This includes adding a field *with* a default: the default
+    is what new instances get, not necessarily what the stored value would
+    have had (a new ``is_admin: bool = False`` would silently read ``False``
+    for an admin), so after a deploy that changes a class each entry holding
+    it is computed once more. Payloads stored without a fingerprint (by
+    earlier versions) are treated the same way. Every instance carries its
+    own fingerprint, so a dataclass nested in a list inside a model is
+    checked too. Fingerprints are computed once per class; checking one
+    costs a dictionary lookup per instance.
 
     Zones are stored by their key and restored with ``ZoneInfo(key)``; only
     keys shaped like IANA names (``"Europe/Paris"``, ``"Etc/GMT+5"``) are
@@ -336,6 +429,10 @@ class JsonCodec:
             _K_REGISTERED: self._dec_registered,
         }
         self._classes: dict[tuple[str, str], type] = {}
+        # (class reference, field fingerprint) -> the class (and a dataclass's fields), for
+        # fingerprints that matched the class found; a changed class never gets an entry
+        self._dataclasses: dict[tuple[str, str], tuple[Any, tuple[dataclasses.Field[Any], ...]]] = {}
+        self._models: dict[tuple[str, str], Any] = {}
 
     # ---------------------------------------------------------------------------------------------
     # public API
@@ -595,6 +692,7 @@ class JsonCodec:
 
     def _dataclass_encoder(self, t: type) -> Callable[[Any], Any]:
         ref = _class_ref(t, "dataclass")
+        fingerprint = _dataclass_fingerprint(t)
         names = tuple(f.name for f in dataclasses.fields(t))
         walk = self._walk
 
@@ -609,12 +707,13 @@ class JsonCodec:
             except _EncodeFailure as failure:
                 failure.path.append(f".{name}")
                 raise
-            return {_K_DATACLASS: [ref, fields]}
+            return {_K_DATACLASS: [ref, fingerprint, fields]}
 
         return encode_dataclass
 
     def _pydantic_encoder(self, t: type) -> Callable[[Any], Any]:
         ref = _class_ref(t, "pydantic model")
+        fingerprint = _model_fingerprint(t)
         walk = self._walk
 
         def encode_model(obj: Any) -> Any:
@@ -629,7 +728,7 @@ class JsonCodec:
                 failure.path.append(f".{name}")
                 raise
             rest = {k: x for k, x in state.items() if k != "__dict__"}
-            return {_K_PYDANTIC: [ref, fields, walk(rest)]}
+            return {_K_PYDANTIC: [ref, fingerprint, fields, walk(rest)]}
 
         return encode_model
 
@@ -705,14 +804,37 @@ class JsonCodec:
             return cls[raw]
         return cls(raw)
 
+    def _check_fingerprint(self, ref: str, fingerprint: Any, kind: str, current: str) -> None:
+        if fingerprint != current:
+            _expect(fingerprint, str)
+            raise SerializationError(
+                f"cannot decode payload: {kind} {ref!r} has changed since this value was stored: "
+                f"its field fingerprint was {fingerprint!r} and is now {current!r} (fields added, "
+                "removed, renamed or retyped)"
+            )
+
+    def _resolve_dataclass(
+        self, ref: str, fingerprint: Any
+    ) -> tuple[Any, tuple[dataclasses.Field[Any], ...]]:
+        cls = self._resolve(ref, "dataclass", dataclasses.is_dataclass)
+        self._check_fingerprint(ref, fingerprint, "dataclass", _dataclass_fingerprint(cls))
+        found = self._dataclasses[(ref, fingerprint)] = (cls, dataclasses.fields(cls))
+        return found
+
     def _dec_dataclass(self, x: list[Any]) -> Any:
         _expect(x, list)
-        ref, fields = x
+        try:
+            ref, fingerprint, fields = x
+        except ValueError:
+            raise _unfingerprinted(x, "dataclass") from None
         _expect(fields, dict)
-        cls = self._resolve(ref, "dataclass", dataclasses.is_dataclass)
+        found = self._dataclasses.get((ref, fingerprint))
+        if found is None:
+            found = self._resolve_dataclass(ref, fingerprint)
+        cls, cls_fields = found
         obj = cls.__new__(cls)
         unwalk = self._unwalk
-        for f in dataclasses.fields(cls):
+        for f in cls_fields:
             raw = fields.get(f.name, _MISSING)
             if raw is not _MISSING:
                 value = unwalk(raw)
@@ -729,11 +851,22 @@ class JsonCodec:
             object.__setattr__(obj, f.name, value)
         return obj
 
+    def _resolve_model(self, ref: str, fingerprint: Any) -> Any:
+        cls = self._resolve(ref, "pydantic model", _is_pydantic_model_class)
+        self._check_fingerprint(ref, fingerprint, "pydantic model", _model_fingerprint(cls))
+        self._models[(ref, fingerprint)] = cls
+        return cls
+
     def _dec_pydantic(self, x: list[Any]) -> Any:
         _expect(x, list)
-        ref, fields, rest = x
+        try:
+            ref, fingerprint, fields, rest = x
+        except ValueError:
+            raise _unfingerprinted(x, "pydantic model") from None
         _expect(fields, dict)
-        cls = self._resolve(ref, "pydantic model", _is_pydantic_model_class)
+        cls = self._models.get((ref, fingerprint))
+        if cls is None:
+            cls = self._resolve_model(ref, fingerprint)
         state = self._unwalk(rest)
         _expect(state, dict)
         unwalk = self._unwalk
