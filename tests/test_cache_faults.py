@@ -27,8 +27,8 @@ from tagcache import (
 )
 from tagcache.backends import Backend, MemoryBackend
 from tagcache.backends.base import FillWatch
-from tagcache.cache import _key_shape
 from tagcache.codec import JsonCodec
+from tagcache.readthrough import _key_shape
 from tagcache.testing import memory_cache, strict
 from tagcache.warming import CacheWarmer
 
@@ -604,7 +604,7 @@ async def test_loader_error_reaches_sharing_callers_without_waiting_for_the_rele
 async def test_cancelled_leader_whose_release_hangs_wakes_waiters_after_a_bounded_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("tagcache.cache._RELEASE_TIMEOUT", 0.05)
+    monkeypatch.setattr("tagcache.readthrough._RELEASE_TIMEOUT", 0.05)
     faulty, cache = faulty_cache(lease_ttl=60)
     faulty.gates["release"] = asyncio.Event()  # never set: the release hangs
     entered, never = asyncio.Event(), asyncio.Event()

@@ -8,30 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import random
 import re
-import struct
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeAlias, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 from urllib.parse import parse_qsl, urlsplit
 
-from tagcache.backends.base import Backend, BackendInfo, HealthReporting, Lookup, NowaitReads
-from tagcache.codec import Codec, JsonCodec, KeyBoundCodec
-from tagcache.exceptions import (
-    BackendError,
-    ConfigurationError,
-    SerializationError,
-    TagCacheError,
-    ValueTooLargeError,
-)
-from tagcache.stats import CacheStats, Counters, note_not_stored, note_write
+from tagcache.backends.base import Backend, BackendInfo, HealthReporting, NowaitReads
+from tagcache.codec import Codec, JsonCodec
+from tagcache.decorator import DEFAULT, is_decoratable, make_decorator
+from tagcache.envelope import ENVELOPE_BYTE, META, strip
+from tagcache.exceptions import BackendError, ConfigurationError, TagCacheError
+from tagcache.readthrough import DISABLED, LoadPolicy, LoadRequest, ReadThrough
+from tagcache.stats import CacheStats, Counters, note_write
 from tagcache.tags import MAX_KEY_LENGTH, check_key, check_tags, ttl_seconds
 
 if TYPE_CHECKING:
@@ -49,37 +40,10 @@ _NAMESPACE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # Control characters, and lone surrogates (not encodable as UTF-8): never in a pattern.
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
-#: When true in the current context, every cache reads as a miss and writes nothing.
-#: Set it with :func:`tagcache.testing.caching_disabled`.
-_DISABLED: Final[ContextVar[bool]] = ContextVar("tagcache_disabled", default=False)
-
-#: When true in the current context, a loaded value that cannot be stored because of
-#: the value itself raises instead of being returned uncached (``Cache(strict=True)``
-#: for one cache). Set it with :func:`tagcache.testing.strict`.
-_STRICT: Final[ContextVar[bool]] = ContextVar("tagcache_strict", default=False)
-
-#: Seconds a lease release running in the background may take; past that the lease
-#: is left to expire by itself.
-_RELEASE_TIMEOUT: Final = 2.0
-#: Seconds one backend call re-applying a pending invalidation may take.
-_REPLAY_TIMEOUT: Final = 10.0
-#: Tags of failed invalidations remembered for replay; beyond this many, the
-#: replay becomes one clear of the namespace.
-_MAX_PENDING_TAGS: Final = 10_000
-#: Key shapes whose failures to store have been logged, at most.
-_MAX_SHAPES: Final = 256
-
-# A key's shape for logging: alphanumeric runs that are hex with a digit in them
-# (hashes, UUID parts) and then any digit run become "*": "user:123" and
-# "user:456" are both "user:*".
-_HEX_RUN: Final = re.compile(r"(?<![A-Za-z0-9])[0-9A-Fa-f]*[0-9][0-9A-Fa-f]*(?![A-Za-z0-9])")
-_DIGIT_RUN: Final = re.compile(r"[0-9]+")
-
-
-def _key_shape(key: str) -> str:
-    """The key with runs of digits and hexadecimal identifiers replaced by ``*``
-    (``"user:42:posts"`` -> ``"user:*:posts"``): failures are logged once per shape."""
-    return _DIGIT_RUN.sub("*", _HEX_RUN.sub("*", key))
+# Module-level names the inline hit path of Cache.get reads.
+_DISABLED: Final = DISABLED
+_ENVELOPE_BYTE: Final = ENVELOPE_BYTE
+_META: Final = META
 
 
 class _Unset:
@@ -110,159 +74,9 @@ class EntryView:
     error: str | None = None
 
 
-# Entries written with stale-while-revalidate or early refresh carry an envelope:
-# this marker byte, then the logical expiry (Unix time) and the load duration
-# (seconds) as two little-endian doubles, then the codec's payload. Codec
-# payloads never start with this byte.
-_ENVELOPE: Final = b"\x05"
-_ENVELOPE_BYTE: Final = _ENVELOPE[0]
-_META: Final = struct.Struct("<dd")
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPolicy:
-    """How a read-through load behaves (compiled once per decorated function)."""
-
-    #: Wait for another caller's lease instead of loading too (cross-process stampede protection).
-    lock: bool = True
-    #: Seconds after expiry during which the stale value is served while one caller refreshes it.
-    stale_while_revalidate: float = 0.0
-    #: Probabilistic early refresh (XFetch) before expiry.
-    early_refresh: bool = False
-    #: XFetch's beta: above 1 refreshes earlier, below 1 later.
-    beta: float = 1.0
-    #: Fraction of the TTL removed at random from each write, so entries written
-    #: together do not expire together.
-    jitter: float = 0.0
-    #: On backend failure, call the loader directly instead of raising.
-    fail_open: bool = False
-    #: Try a plain read before the snapshot read: hits are as cheap as ``get``, a
-    #: miss costs one more round trip (read, snapshot and lease, fill).
-    read_first: bool = True
-
-    @property
-    def envelope(self) -> bool:
-        """Whether entries need their expiry and load time stored beside the value."""
-        return self.stale_while_revalidate > 0 or self.early_refresh
-
-    def physical_ttl(self, seconds: float | None, delta: float) -> float | None:
-        """How long the backend keeps an entry whose value took ``delta`` seconds to compute:
-        the TTL, plus the stale window, plus (with early refresh) a grace of twice the
-        compute time (at most a tenth of the TTL) in which a refresh that started just
-        before expiry can finish while the current value is still served."""
-        if seconds is None:
-            return None
-        grace = min(2.0 * delta + 0.01, 0.1 * seconds) if self.early_refresh else 0.0
-        return seconds + max(self.stale_while_revalidate, grace)
-
-    def jittered(self, seconds: float | None) -> float | None:
-        """``seconds`` less a random fraction (up to ``jitter``) of it."""
-        if seconds is None or not self.jitter:
-            return seconds
-        return seconds * (1.0 - self.jitter * random.random())
-
-    def due(self, expires_at: float, delta: float) -> bool:
-        """Whether an entry expiring at ``expires_at`` should be refreshed now."""
-        now = time.time()
-        if now >= expires_at:
-            return True  # stale: served within the stale window, refreshed in the background
-        if self.early_refresh:
-            # XFetch: refresh with a probability growing as expiry nears,
-            # earlier for values that take long (delta) to compute.
-            return now - delta * self.beta * math.log(1.0 - random.random()) >= expires_at
-        return False
-
-
 #: get_or_set's policies, by fail_open.
 _OPEN_POLICY: Final = LoadPolicy(read_first=False, fail_open=True)
 _CLOSED_POLICY: Final = LoadPolicy(read_first=False, fail_open=False)
-#: Returned by Cache._hit for a payload that could not be decoded.
-_MISS: Final = object()
-
-
-def _wrap(payload: bytes, seconds: float, delta: float) -> bytes:
-    return _ENVELOPE + _META.pack(time.time() + seconds, delta) + payload
-
-
-def _strip(payload: bytes) -> bytes:
-    """The codec payload inside an (optional) envelope."""
-    if payload[:1] == _ENVELOPE:
-        return payload[_META.size + 1 :]
-    return payload
-
-
-class _Abandoned(Exception):
-    """Set on a flight whose leader was cancelled: its waiters retry instead of failing.
-
-    ``released`` is false when the leader's lease could not be released: it stays
-    held until it expires, so a waiter loads without it instead of waiting it out.
-    """
-
-    def __init__(self, released: bool) -> None:
-        super().__init__()
-        self.released = released
-
-
-class _Shared:
-    """A flight's value handed to its waiters as is: it had no payload to decode a copy from."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-
-class _Flight:
-    """An in-process load of one key that concurrent callers may join.
-
-    Its future holds the payload the leader encoded, from which each waiter
-    decodes a private copy, or a :class:`_Shared` value when the value could
-    not be encoded.
-    """
-
-    __slots__ = ("epoch", "future", "tags", "tokens")
-
-    def __init__(self, tags: tuple[str, ...], lookup: Lookup) -> None:
-        self.tags = tags
-        self.tokens = lookup.tokens
-        self.epoch = lookup.epoch
-        self.future: asyncio.Future[bytes | _Shared] = asyncio.get_running_loop().create_future()
-        # A flight nobody joined must not log "exception was never retrieved".
-        self.future.add_done_callback(_consume)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-class _Loaded:
-    """A value a loader returned, made ready for storing."""
-
-    __slots__ = ("extra", "payload", "problem", "ttl")
-
-    def __init__(
-        self,
-        payload: bytes | None,
-        ttl: float | None,
-        extra: tuple[str, ...],
-        problem: Exception | None,
-    ) -> None:
-        #: What is stored, and what callers sharing the load decode their copy from;
-        #: ``None`` when the value could not be encoded.
-        self.payload = payload
-        #: The physical TTL.
-        self.ttl = ttl
-        #: Tags known only from the value (a ``tags=`` callable), beyond the snapshot ones.
-        self.extra = extra
-        #: Why the value cannot be stored (not encodable, too large, unusable result
-        #: tags), or ``None``.
-        self.problem = problem
-
-
-#: A failed invalidation waiting to be re-applied: its sequence number and its tags
-#: (``None``: clear the whole namespace, what too many pending tags collapse into).
-_Pending: TypeAlias = "tuple[int, tuple[str, ...] | None]"
 
 
 class Cache:
@@ -337,41 +151,34 @@ class Cache:
         self._ns = namespace
         self._default_ttl = ttl_seconds(default_ttl, what="default_ttl")
         self._codec: Codec = codec if codec is not None else JsonCodec()
-        # Bound methods looked up once: the hit path runs them on every call.
+        self._counters = Counters()
+        engine = self._engine = ReadThrough(
+            backend,
+            namespace,
+            self._codec,
+            max_value_size=max_value_size,
+            lease_ttl=lease,
+            strict=strict,
+            counters=self._counters,
+        )
+        # Bound methods and shared state looked up once: the hit path of get runs
+        # them on every call. The engine owns the flights and the failed
+        # invalidations waiting to be re-applied; these are the same objects.
         self._backend_get = backend.get
         self._get_nowait = backend.get_nowait if isinstance(backend, NowaitReads) else None
-        # A codec binding payloads to their place gets "namespace NUL key" as context;
-        # then _decode_payload is None and the hit path calls _decode_bound instead.
-        self._decode_payload: Callable[[bytes], Any] | None = self._codec.decode
-        self._context: bytes | None = None
-        if isinstance(self._codec, KeyBoundCodec):
-            self._context = namespace.encode() + b"\x00"
-            self._encode_for = self._codec.encode_for
-            self._decode_for = self._codec.decode_for
-            self._decode_payload = None
+        # With a codec binding payloads to their place, _decode_payload is None and
+        # the hit path calls _decode_bound instead.
+        self._decode_payload = engine.decode_payload
+        self._decode_bound = engine.decode_bound
+        self._corrupt = engine.corrupt
+        self._replay_pending = engine.replay_pending
+        self._flights = engine.flights
+        self._pending = engine.pending
         self._health = backend.health if isinstance(backend, HealthReporting) else None
-        self._max_value_size = max_value_size
-        self._lease_ttl = lease
         self._owns_backend = owns_backend
         self._fail_open = fail_open
-        self._strict = strict
         self._policy = _OPEN_POLICY if fail_open else _CLOSED_POLICY
-        self._counters = Counters()
-        self._flights: dict[str, _Flight] = {}
-        self._background: set[asyncio.Task[Any]] = set()
-        self._refreshing: set[str] = set()
-        self._incident = False
         self._closed = False
-        # Failed invalidations, oldest first, re-applied before the next read.
-        self._pending: deque[_Pending] = deque()
-        self._pending_tags = 0
-        self._seq = 0  # sequence number of the latest invalidation remembered
-        self._applied = 0  # every remembered invalidation numbered up to this is applied
-        self._replaying: asyncio.Task[Any] | None = None
-        self._replay_error: BaseException | None = None
-        self._replay_failing = False
-        # (failure kind, key shape) pairs logged already.
-        self._logged_shapes: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ construction
 
@@ -432,6 +239,17 @@ class Cache:
         return self._backend
 
     @property
+    def engine(self) -> ReadThrough:
+        """The read-through engine behind :meth:`get_or_set` and ``@cached`` functions.
+
+        An internal interface for tagcache's own integrations (the decorator,
+        and caches built on this one): they describe a load with a
+        :class:`~tagcache.readthrough.LoadRequest` and call its ``load`` or
+        ``recompute``. Not needed by applications.
+        """
+        return self._engine
+
+    @property
     def namespace(self) -> str:
         """This cache's namespace."""
         return self._ns
@@ -465,80 +283,6 @@ class Cache:
         if ttl is _UNSET:
             return self._default_ttl
         return ttl_seconds(ttl)
-
-    def _encode(self, key: str, value: object) -> bytes:
-        """The codec's payload for ``value`` stored under ``key`` (no size check)."""
-        try:
-            context = self._context
-            if context is None:
-                return self._codec.encode(value)
-            return self._encode_for(value, context + key.encode())
-        except SerializationError as exc:
-            raise SerializationError(f"cannot cache key {key!r}: {exc}") from exc
-        except Exception as exc:  # a user-registered encoder failed
-            raise SerializationError(
-                f"cannot cache key {key!r}: encoding {type(value).__name__} failed: {exc}"
-            ) from exc
-
-    def _too_large(self, key: str, payload: bytes) -> ValueTooLargeError | None:
-        if len(payload) <= self._max_value_size:
-            return None
-        return ValueTooLargeError(
-            f"value for key {key!r} is {len(payload)} bytes encoded, over max_value_size="
-            f"{self._max_value_size}; store less, or raise max_value_size"
-        )
-
-    def _decode(self, key: str, payload: bytes) -> Any:
-        """Decode the codec payload stored under ``key`` (outside the hit paths)."""
-        context = self._context
-        if context is None:
-            return self._codec.decode(payload)
-        return self._decode_for(payload, context + key.encode())
-
-    def _decode_bound(self, key: str, payload: bytes) -> Any:
-        """Decode with a key-bound codec (``_decode_payload`` is ``None``)."""
-        context = self._context
-        assert context is not None
-        return self._decode_for(payload, context + key.encode())
-
-    def _corrupt(self, key: str, exc: Exception) -> None:
-        self._counters.errors += 1
-        logger.warning("tagcache: unreadable value under key %r treated as a miss: %s", key, exc)
-
-    def _strict_now(self) -> bool:
-        return self._strict or _STRICT.get()
-
-    def _log_once(self, kind: str, key: str, message: str, *args: object) -> None:
-        """Log a failure at WARNING once per kind and key shape (a bounded number of shapes)."""
-        shapes = self._logged_shapes
-        if len(shapes) > _MAX_SHAPES:
-            return
-        shape = (kind, _key_shape(key))
-        if shape in shapes:
-            return
-        shapes.add(shape)
-        if len(shapes) > _MAX_SHAPES:
-            logger.warning(
-                "tagcache: failures of %d key shapes logged; further ones are only counted in stats()",
-                _MAX_SHAPES,
-            )
-            return
-        logger.warning(message + " (logged once for keys shaped %r)", *args, shape[1])
-
-    def _not_stored(self, key: str, exc: BaseException) -> None:
-        """Count and log (once per key shape) a loaded value returned without being stored."""
-        counters = self._counters
-        counters.errors += 1
-        counters.not_stored += 1
-        note_not_stored()
-        self._log_once(
-            f"store:{type(exc).__name__}",
-            key,
-            "tagcache: the value loaded for key %r is returned but not cached: %s: %s",
-            key,
-            type(exc).__name__,
-            exc,
-        )
 
     # ------------------------------------------------------------------ reads
 
@@ -601,7 +345,7 @@ class Cache:
         if info is None:
             return None
         try:
-            value = self._decode(key, _strip(info.payload))
+            value = self._engine.decode(key, strip(info.payload))
         except Exception as exc:
             self._counters.errors += 1
             return EntryView(None, info.ttl, info.tags, False, error=str(exc))
@@ -646,8 +390,8 @@ class Cache:
         key = self._key(key)
         seconds = self._ttl(ttl)
         tag_tuple = check_tags(tags)
-        payload = self._encode(key, value)
-        too_large = self._too_large(key, payload)
+        payload = self._engine.encode(key, value)
+        too_large = self._engine.too_large(key, payload)
         if too_large is not None:
             raise too_large
         if _DISABLED.get():
@@ -704,16 +448,17 @@ class Cache:
         tag_tuple = check_tags(tags)
         if not tag_tuple:
             return
+        engine = self._engine
         if self._pending:
             # Earlier failed invalidations go first.
-            seq = self._remember(tag_tuple)
+            seq = engine.remember(tag_tuple)
             await self._replay_pending()
-            if self._applied < seq:
+            if engine.applied < seq:
                 raise BackendError(
                     f"invalidation of tags {list(tag_tuple)} in namespace {self._ns!r} not applied: "
-                    f"the backend is failing ({self._replay_error}); it will be re-applied before "
+                    f"the backend is failing ({engine.replay_error}); it will be re-applied before "
                     "this cache reads again"
-                ) from self._replay_error
+                ) from engine.replay_error
             return
         try:
             await self._backend.invalidate(self._ns, tag_tuple)
@@ -721,7 +466,7 @@ class Cache:
             # Cancelled callers too: the invalidation may not have reached the backend.
             if isinstance(exc, Exception):
                 self._counters.errors += 1
-            self._remember(tag_tuple)
+            engine.remember(tag_tuple)
             raise
         self._counters.invalidations += len(tag_tuple)
 
@@ -737,96 +482,11 @@ class Cache:
         invalidations this cache was waiting to re-apply.
         """
         self._flights.clear()
-        started = self._seq
+        started = self._engine.seq
         removed = await self._backend.clear(self._ns)
         # Every invalidation remembered before the clear began is covered by it.
-        pending = self._pending
-        while pending and pending[0][0] <= started:
-            tags = pending.popleft()[1]
-            if tags is not None:
-                self._pending_tags -= len(tags)
-        self._applied = max(self._applied, started)
+        self._engine.cleared(started)
         return removed
-
-    # ------------------------------------------------------------------ pending invalidations
-
-    def _remember(self, tags: tuple[str, ...]) -> int:
-        """Queue ``tags`` for re-applying; return the invalidation's sequence number."""
-        seq = self._seq = self._seq + 1
-        pending = self._pending
-        first = not pending
-        if (pending and pending[0][1] is None) or self._pending_tags + len(tags) > _MAX_PENDING_TAGS:
-            if not pending or pending[0][1] is not None:
-                logger.error(
-                    "tagcache: more than %d tags of failed invalidations pending in namespace %r; "
-                    "they will be re-applied as one clear of the namespace",
-                    _MAX_PENDING_TAGS,
-                    self._ns,
-                )
-            # A clear begun before this invalidation would not cover it: a new entry.
-            pending.clear()
-            pending.append((seq, None))
-            self._pending_tags = 0
-        else:
-            pending.append((seq, tags))
-            self._pending_tags += len(tags)
-        if first:
-            logger.error(
-                "tagcache: invalidation of %s in namespace %r failed; it will be re-applied before "
-                "this cache reads again, and until then reads bypass the cache",
-                list(tags),
-                self._ns,
-            )
-        return seq
-
-    async def _replay_pending(self) -> bool:
-        """Re-apply the pending invalidations (one replay at a time, shared by the callers
-        that need it); return whether none is left."""
-        task = self._replaying
-        if task is None:
-            task = self._replaying = self._spawn(self._replay())
-        await asyncio.shield(task)
-        return not self._pending
-
-    async def _replay(self) -> None:
-        pending, backend, ns = self._pending, self._backend, self._ns
-        replayed = 0
-        try:
-            while pending:
-                item = pending[0]
-                seq, tags = item
-                if tags is None:
-                    await asyncio.wait_for(backend.clear(ns), _REPLAY_TIMEOUT)
-                else:
-                    await asyncio.wait_for(backend.invalidate(ns, tags), _REPLAY_TIMEOUT)
-                    self._counters.invalidations += len(tags)
-                # A collapse or a clear() may have replaced the queue meanwhile.
-                if pending and pending[0] is item:
-                    pending.popleft()
-                    if tags is not None:
-                        self._pending_tags -= len(tags)
-                self._applied = max(self._applied, seq)
-                replayed += 1
-        except Exception as exc:
-            self._counters.errors += 1
-            self._replay_error = exc
-            if not self._replay_failing:
-                self._replay_failing = True
-                logger.error(
-                    "tagcache: %d failed invalidation(s) in namespace %r cannot be re-applied yet "
-                    "(%s: %s); reads bypass the cache until they are",
-                    len(pending),
-                    ns,
-                    type(exc).__name__,
-                    exc,
-                )
-        else:
-            self._replay_failing = False
-            self._replay_error = None
-            if replayed:
-                logger.warning("tagcache: re-applied %d failed invalidation(s) in namespace %r", replayed, ns)
-        finally:
-            self._replaying = None
 
     # ------------------------------------------------------------------ decorator
 
@@ -898,8 +558,6 @@ class Cache:
         arguments: pass resources that outlive the request (an engine or a
         session factory, not a request's session) to functions using them.
         """
-        from tagcache.decorator import DEFAULT, is_decoratable, make_decorator
-
         if is_decoratable(ttl):  # bare @cache.cached: the function came in place of the TTL
             return self.cached()(ttl)
         return make_decorator(
@@ -983,405 +641,7 @@ class Cache:
             policy = _CLOSED_POLICY
         else:
             raise ConfigurationError(f"fail_open must be True, False or None, got {fail_open!r}")
-        return await self._load(key, loader, seconds, tag_tuple, policy)
-
-    async def _load(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[T]],
-        seconds: float | None,
-        tags: tuple[str, ...],
-        policy: LoadPolicy,
-        result_tags: Callable[[T], Iterable[str]] | None = None,
-    ) -> T:
-        """The read-through path shared by :meth:`get_or_set` and the decorator."""
-        counters = self._counters
-        if _DISABLED.get():
-            counters.misses += 1
-            return await loader()
-        if self._pending and not await self._replay_pending():
-            # A failed invalidation is not re-applied yet: the store may be stale.
-            counters.misses += 1
-            return await loader()
-        backend, ns = self._backend, self._ns
-        if policy.read_first:
-            # A plain read first: hits take the backend's fastest path (batched
-            # with concurrent reads); only a miss pays for the snapshot below.
-            try:
-                nowait = self._get_nowait
-                payload = nowait(ns, key) if nowait is not None else await self._backend_get(ns, key)
-            except TagCacheError as exc:
-                self._backend_failed(exc, policy)
-                return await loader()
-            if self._incident:
-                self._backend_recovered()
-            if payload is not None:
-                found = self._hit(key, payload, loader, seconds, tags, policy, result_tags)
-                if found is not _MISS:
-                    return found  # type: ignore[no-any-return]  # decoded payload of a T stored by loader
-        # When this call must stop waiting for other callers' loads (set at the first wait).
-        deadline: float | None = None
-        corrupt = False
-        while True:
-            try:
-                lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
-                if lookup.payload is not None:
-                    found = self._hit(key, lookup.payload, loader, seconds, tags, policy, result_tags)
-                    if found is not _MISS:
-                        return found  # type: ignore[no-any-return]  # as above
-                    if corrupt:  # written again at once: do not loop on it
-                        return await loader()
-                    # Corrupt or foreign payload: drop it and read again (now a miss).
-                    corrupt = True
-                    await backend.delete(ns, key)
-                    continue
-            except TagCacheError as exc:
-                self._backend_failed(exc, policy)
-                return await loader()
-            if self._incident:
-                self._backend_recovered()
-            counters.misses += 1
-            flight = self._flights.get(key)
-            if (
-                flight is not None
-                and flight.tags == tags
-                and flight.tokens == lookup.tokens
-                and (result_tags is None or flight.epoch == lookup.epoch)
-            ):
-                # No invalidation of these tags since that load began (nor of any
-                # tag, when tags come from the result): share it.
-                now = asyncio.get_running_loop().time()
-                if deadline is None:
-                    deadline = now + self._lease_ttl
-                future = flight.future
-                if not future.done() and deadline > now:
-                    await asyncio.wait((future,), timeout=deadline - now)
-                if not future.done():
-                    return await self._stop_waiting(key, loader)
-                try:
-                    shared = future.result()
-                except _Abandoned as abandoned:
-                    if abandoned.released:
-                        continue
-                    return await loader()
-                if isinstance(shared, _Shared):
-                    return shared.value  # type: ignore[return-value]  # the leader's value, a T
-                return self._decode(key, _strip(shared))  # type: ignore[no-any-return]  # as above
-            if lookup.lease is None and policy.lock:
-                # Another caller (in another process, or one that started before
-                # an invalidation) holds the lease: wait for its value.
-                now = asyncio.get_running_loop().time()
-                if deadline is None:
-                    deadline = now + self._lease_ttl
-                elif now >= deadline:
-                    return await self._stop_waiting(key, loader)
-                try:
-                    own = await self._await_fill(key, tags, deadline - now)
-                except TagCacheError as exc:
-                    self._backend_failed(exc, policy)
-                    return await loader()
-                if own is None:
-                    continue
-                lookup = own
-            return await self._lead(key, loader, seconds, tags, policy, result_tags, lookup)
-
-    def _hit(
-        self,
-        key: str,
-        payload: bytes,
-        loader: Callable[[], Awaitable[T]],
-        seconds: float | None,
-        tags: tuple[str, ...],
-        policy: LoadPolicy,
-        result_tags: Callable[[T], Iterable[str]] | None,
-    ) -> Any:
-        """Decode a hit, starting a background refresh when it is stale or due for early
-        refresh; :data:`_MISS` when the payload is corrupt (counted and logged)."""
-        enveloped = payload[:1] == _ENVELOPE
-        data = payload[_META.size + 1 :] if enveloped else payload
-        try:
-            decode = self._decode_payload
-            value = decode(data) if decode is not None else self._decode_bound(key, data)
-        except Exception as exc:
-            self._corrupt(key, exc)
-            return _MISS
-        if enveloped:
-            expires_at, delta = _META.unpack_from(payload, 1)
-            if expires_at and policy.due(expires_at, delta):
-                self._refresh_soon(key, loader, seconds, tags, policy, result_tags)
-        self._counters.hits += 1
-        return value
-
-    async def _await_fill(self, key: str, tags: tuple[str, ...], timeout: float) -> Lookup | None:
-        """Wait, without polling and at most ``timeout`` seconds, until the key's lease
-        holder fills or gives up.
-
-        Returns a miss with this caller's own lease when it may load now, or
-        ``None`` when the caller should read the key again.
-        """
-        backend, ns = self._backend, self._ns
-        async with backend.watch(ns, key) as watch:
-            # Read again now that the watch is ready: the fill may have happened already.
-            lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
-            if lookup.payload is not None:
-                return None
-            if lookup.lease is not None:
-                return lookup
-            await watch.wait(timeout)
-        return None
-
-    async def _stop_waiting(self, key: str, loader: Callable[[], Awaitable[T]]) -> T:
-        """Load without storing: this call waited ``lease_ttl`` for others' loads of ``key``."""
-        self._counters.errors += 1
-        self._log_once(
-            "wait",
-            key,
-            "tagcache: waited lease_ttl (%g s) for another caller to load key %r (a lease holder "
-            "that does not finish, or foreign data under the lease); loading it here without storing",
-            self._lease_ttl,
-            key,
-        )
-        return await loader()
-
-    async def _lead(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[T]],
-        seconds: float | None,
-        tags: tuple[str, ...],
-        policy: LoadPolicy,
-        result_tags: Callable[[T], Iterable[str]] | None,
-        lookup: Lookup,
-    ) -> T:
-        """Run ``loader`` as the key's in-process flight; store its value under the lease."""
-        flight = _Flight(tags, lookup)
-        self._flights[key] = flight
-        lease = lookup.lease
-        try:
-            started = time.monotonic()
-            try:
-                value = await loader()
-            except asyncio.CancelledError:
-                # Wake the waiters only once the lease is released, so one of
-                # them can take it and load in its own task.
-                self._spawn(self._abandon(flight, key, lease))
-                raise
-            except BaseException as exc:
-                if lease is not None:
-                    self._release_soon(key, lease)
-                flight.future.set_exception(exc)
-                raise
-            loaded = self._prepare(key, value, seconds, time.monotonic() - started, tags, policy, result_tags)
-            problem = loaded.problem
-            if problem is not None and self._strict_now():
-                if lease is not None:
-                    self._release_soon(key, lease)
-                flight.future.set_exception(problem)
-                raise problem
-            payload = loaded.payload
-            flight.future.set_result(payload if payload is not None else _Shared(value))
-        finally:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-        if problem is not None:
-            if lease is not None:
-                self._release_soon(key, lease)
-            self._not_stored(key, problem)
-        elif lease is not None:
-            await self._store(key, loaded, tags, lookup, lease)
-        return value
-
-    def _prepare(
-        self,
-        key: str,
-        value: T,
-        seconds: float | None,
-        delta: float,
-        tags: tuple[str, ...],
-        policy: LoadPolicy,
-        result_tags: Callable[[T], Iterable[str]] | None,
-    ) -> _Loaded:
-        """Encode a value ``loader`` took ``delta`` seconds to produce, with its physical
-        TTL and result tags, noting (never raising) why it cannot be stored."""
-        problem: Exception | None = None
-        payload: bytes | None = None
-        try:
-            payload = self._encode(key, value)
-        except SerializationError as exc:
-            problem = exc
-        else:
-            problem = self._too_large(key, payload)
-        seconds = policy.jittered(seconds)
-        if payload is not None and policy.envelope and seconds is not None:
-            payload = _wrap(payload, seconds, delta)
-        extra: tuple[str, ...] = ()
-        if result_tags is not None and problem is None:
-            try:
-                extra = tuple(t for t in check_tags(result_tags(value)) if t not in tags)
-            except Exception as exc:  # the tags callable failed, or returned bad tags
-                problem = exc
-        return _Loaded(payload, policy.physical_ttl(seconds, delta), extra, problem)
-
-    async def _store(
-        self, key: str, loaded: _Loaded, tags: tuple[str, ...], lookup: Lookup, lease: str
-    ) -> bool:
-        """Compare-and-set ``loaded`` under ``lease``; return whether it was stored.
-
-        Never raises a backend error: a failed store is counted and logged, and the
-        lease released in the background (also when the caller is cancelled).
-        """
-        backend, ns = self._backend, self._ns
-        seconds, payload = loaded.ttl, loaded.payload
-        if seconds == 0 or payload is None:
-            self._release_soon(key, lease)
-            return False
-        tokens, epoch = lookup.tokens, None
-        try:
-            if loaded.extra:
-                # Tags known only from the result could not be snapshot at the
-                # miss: read their tokens now, and store only if no tag at all
-                # was invalidated since the miss (the epoch), which covers an
-                # invalidation of these tags while the value was computed.
-                current = await backend.lease(ns, key, loaded.extra, self._lease_ttl)
-                if current.lease is not None:
-                    # Our lease expired during the load (this one is new): the value
-                    # is too late to store, and the new lease must not linger.
-                    self._release_soon(key, current.lease)
-                    return False
-                tags, tokens, epoch = tags + loaded.extra, tokens + current.tokens, lookup.epoch
-            stored = await backend.fill(ns, key, payload, seconds, tags, tokens, lease, epoch)
-        except asyncio.CancelledError:
-            self._release_soon(key, lease)
-            raise
-        except Exception as exc:
-            self._release_soon(key, lease)
-            self._not_stored(key, exc)
-            return False
-        if stored:
-            self._counters.sets += 1
-            note_write()
-        return stored
-
-    def _refresh_soon(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[T]],
-        seconds: float | None,
-        tags: tuple[str, ...],
-        policy: LoadPolicy,
-        result_tags: Callable[[T], Iterable[str]] | None,
-    ) -> None:
-        """Refresh ``key`` in the background, once per process; the lease makes it once overall."""
-        if key in self._refreshing or self._closed:
-            return
-        self._refreshing.add(key)
-        self._spawn(self._refresh(key, loader, seconds, tags, policy, result_tags))
-
-    async def _refresh(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[T]],
-        seconds: float | None,
-        tags: tuple[str, ...],
-        policy: LoadPolicy,
-        result_tags: Callable[[T], Iterable[str]] | None,
-    ) -> None:
-        try:
-            await self._recompute(key, loader, seconds, tags, policy, result_tags)
-        except Exception:
-            self._counters.errors += 1
-            logger.warning("tagcache: background refresh of key %r failed", key, exc_info=True)
-        finally:
-            self._refreshing.discard(key)
-
-    async def _recompute(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[T]],
-        seconds: float | None,
-        tags: tuple[str, ...],
-        policy: LoadPolicy,
-        result_tags: Callable[[T], Iterable[str]] | None,
-    ) -> tuple[T] | None:
-        """Run ``loader`` and store its value if this caller gets the key's lease.
-
-        Returns ``(value,)``, or ``None`` without running the loader when
-        another caller holds the lease (it is refreshing the key already). A
-        backend failure taking the lease raises; one storing the value does not
-        (the value is returned, counted in ``not_stored``).
-        """
-        lookup = await self._backend.lease(self._ns, key, tags, self._lease_ttl)
-        if lookup.lease is None:
-            return None
-        lease = lookup.lease
-        try:
-            started = time.monotonic()
-            value = await loader()
-        except BaseException:
-            self._release_soon(key, lease)
-            raise
-        loaded = self._prepare(key, value, seconds, time.monotonic() - started, tags, policy, result_tags)
-        if loaded.problem is not None:
-            self._release_soon(key, lease)
-            if self._strict_now():
-                raise loaded.problem
-            self._not_stored(key, loaded.problem)
-            return (value,)
-        await self._store(key, loaded, tags, lookup, lease)
-        return (value,)
-
-    def _backend_failed(self, exc: TagCacheError, policy: LoadPolicy) -> None:
-        """Count a backend failure; re-raise it unless the policy fails open, in which
-        case log it once per incident (until the backend answers again)."""
-        self._counters.errors += 1
-        if not policy.fail_open:
-            raise exc
-        if not self._incident:
-            self._incident = True
-            logger.error("tagcache: backend failing, calling functions directly: %s", exc)
-
-    def _backend_recovered(self) -> None:
-        self._incident = False
-        logger.warning("tagcache: backend answering again")
-
-    async def _release(self, key: str, lease: str) -> bool:
-        """Give up ``lease``; return whether that succeeded. Run in a background task and
-        bounded in time, so the caller's cancellation never leaves the lease held."""
-        try:
-            await asyncio.wait_for(self._backend.release(self._ns, key, lease), _RELEASE_TIMEOUT)
-        except Exception as exc:  # the lease expires by itself; the loader's outcome matters more
-            self._counters.errors += 1
-            self._log_once(
-                "release",
-                key,
-                "tagcache: could not release the lease on key %r (it expires after lease_ttl): %s: %s",
-                key,
-                type(exc).__name__,
-                exc,
-            )
-            return False
-        return True
-
-    async def _abandon(self, flight: _Flight, key: str, lease: str | None) -> None:
-        """Release the lease of a cancelled leader, then wake the callers sharing its load."""
-        released = False
-        try:
-            released = lease is None or await self._release(key, lease)
-        finally:
-            if not flight.future.done():
-                flight.future.set_exception(_Abandoned(released))
-
-    def _release_soon(self, key: str, lease: str) -> None:
-        """Release ``lease`` in a background task, whatever happens to the caller."""
-        self._spawn(self._release(key, lease))
-
-    def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[Any]:
-        """Run ``coro`` in a background task of its own (the caller's cancellation does
-        not reach it); :meth:`aclose` waits for it."""
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        return await self._engine.load(LoadRequest(key, loader, seconds, tag_tuple, policy))
 
     # ------------------------------------------------------------------ stats & lifecycle
 
@@ -1426,20 +686,7 @@ class Cache:
         if self._closed:
             return
         self._closed = True
-        if self._pending:
-            await self._replay_pending()
-            if self._pending:
-                logger.error(
-                    "tagcache: closing namespace %r with %d failed invalidation(s) not re-applied: %s; "
-                    "other processes may serve entries carrying these tags until they expire",
-                    self._ns,
-                    len(self._pending),
-                    "the whole namespace"
-                    if self._pending[0][1] is None
-                    else sorted({tag for _, tags in self._pending for tag in tags or ()}),
-                )
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._engine.aclose()
         if self._owns_backend:
             await self._backend.aclose()
 

@@ -3,8 +3,9 @@
 The decorated function keeps its signature and type hints (``ParamSpec``),
 so FastAPI's dependency injection and editors see the original. Each call
 builds a stable key from the function and its bound arguments
-(:mod:`tagcache.keys`) and goes through the cache's read-through path: one
-round trip on a hit; on a miss the tag tokens are read and a lease taken
+(:mod:`tagcache.keys`) and hands one :class:`~tagcache.readthrough.LoadRequest`
+to the cache's read-through engine (:class:`~tagcache.readthrough.ReadThrough`):
+one round trip on a hit; on a miss the tag tokens are read and a lease taken
 before the function runs, and its result is stored only if none of its tags
 was invalidated meanwhile. Concurrent callers share one call (in the
 process) or wait for the lease holder's value (across processes).
@@ -18,9 +19,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeGuard, TypeVar
 
-from tagcache.cache import LoadPolicy
 from tagcache.exceptions import ConfigurationError
 from tagcache.keys import KeyBuilder, TagTemplates
+from tagcache.readthrough import LoadPolicy, LoadRequest
 from tagcache.tags import check_tags, ttl_seconds
 
 if TYPE_CHECKING:
@@ -66,6 +67,10 @@ class CachedFunction(Generic[P, R]):
         self._policy = policy
         self._kind = kind
         self._keys = KeyBuilder(func, key=key, ignore=ignore, kind=kind)
+        # The engine's entry points, bound once: a call goes straight to them.
+        engine = cache.engine
+        self._load = engine.load
+        self._recompute = engine.recompute
         self._result_tags_fn: Callable[..., Iterable[str]] | None = None
         if callable(tags):
             self._tag_templates = TagTemplates(func, ())
@@ -87,12 +92,9 @@ class CachedFunction(Generic[P, R]):
             key = self._keys(args, kwargs)  # the hot path: no argument mapping needed
         else:
             key, tags, result_tags = self._prepare(args, kwargs)
-        func = self._func
-
-        def load() -> Awaitable[R]:
-            return func(*args, **kwargs)
-
-        return await self._cache._load(key, load, self._ttl, tags, self._policy, result_tags)
+        return await self._load(
+            LoadRequest(key, self._func, self._ttl, tags, self._policy, result_tags, args, kwargs)
+        )
 
     def _prepare(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -132,11 +134,9 @@ class CachedFunction(Generic[P, R]):
         """
         key, tags, result_tags = self._prepare(args, kwargs)
         func = self._func
-
-        def load() -> Awaitable[R]:
-            return func(*args, **kwargs)
-
-        ran = await self._cache._recompute(key, load, self._ttl, tags, self._policy, result_tags)
+        ran = await self._recompute(
+            LoadRequest(key, func, self._ttl, tags, self._policy, result_tags, args, kwargs)
+        )
         if ran is None:  # another caller is refreshing: compute without storing
             return await func(*args, **kwargs)
         return ran[0]

@@ -40,7 +40,8 @@ from datetime import timedelta
 from typing import Any
 
 from tagcache.backends.memory import MemoryBackend
-from tagcache.cache import _DISABLED, _STRICT, Cache
+from tagcache.cache import Cache
+from tagcache.readthrough import DISABLED, STRICT
 
 __all__ = ["cache_fixture", "caching_disabled", "memory_cache", "strict"]
 
@@ -76,11 +77,11 @@ def caching_disabled() -> Iterator[None]:
     survives the block. Blocks nest; leaving one restores the state before it.
     Tasks started inside the block inherit the setting (context variables).
     """
-    token = _DISABLED.set(True)
+    token = DISABLED.set(True)
     try:
         yield
     finally:
-        _DISABLED.reset(token)
+        DISABLED.reset(token)
 
 
 @contextmanager
@@ -103,11 +104,11 @@ def strict() -> Iterator[None]:
             with strict():
                 yield
     """
-    token = _STRICT.set(True)
+    token = STRICT.set(True)
     try:
         yield
     finally:
-        _STRICT.reset(token)
+        STRICT.reset(token)
 
 
 def cache_fixture(name: str = "cache", **options: Any) -> Any:

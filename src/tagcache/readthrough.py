@@ -1,0 +1,888 @@
+"""The read-through engine: load a key on a miss, once per key, and store the value
+only if none of its tags was invalidated meanwhile.
+
+This is tagcache's internal interface for everything that reads through the
+cache: :meth:`tagcache.Cache.get_or_set`, ``@cache.cached`` functions and their
+``refresh``, and the warming jobs that call them. An integration describes one
+load with a :class:`LoadRequest` and hands it to the :class:`ReadThrough`
+engine its :class:`~tagcache.Cache` owns (:attr:`tagcache.Cache.engine`):
+
+* :meth:`ReadThrough.load` — return the cached value, or run the loader (once
+  per key in the process, under the key's lease across processes) and store
+  its value with a compare-and-set against the tag tokens read before it ran;
+* :meth:`ReadThrough.recompute` — run the loader now and store its value if
+  this caller gets the key's lease (a refresh).
+
+The engine also owns what every read path shares: the in-process flights, the
+background tasks (lease releases, refreshes), and the failed invalidations
+waiting to be re-applied before the next read. See ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final, Generic, TypeAlias, TypeVar
+
+from tagcache.backends.base import Backend, Lookup, NowaitReads
+from tagcache.codec import Codec, KeyBoundCodec
+from tagcache.envelope import ENVELOPE, META, strip, wrap
+from tagcache.exceptions import SerializationError, TagCacheError, ValueTooLargeError
+from tagcache.stats import Counters, note_not_stored, note_write
+from tagcache.tags import check_tags
+
+__all__ = ["DISABLED", "STRICT", "LoadPolicy", "LoadRequest", "ReadThrough"]
+
+logger: Final = logging.getLogger("tagcache")
+
+T = TypeVar("T")
+
+#: When true in the current context, every cache reads as a miss and writes nothing.
+#: Set it with :func:`tagcache.testing.caching_disabled`.
+DISABLED: Final[ContextVar[bool]] = ContextVar("tagcache_disabled", default=False)
+
+#: When true in the current context, a loaded value that cannot be stored because of
+#: the value itself raises instead of being returned uncached (``Cache(strict=True)``
+#: for one cache). Set it with :func:`tagcache.testing.strict`.
+STRICT: Final[ContextVar[bool]] = ContextVar("tagcache_strict", default=False)
+
+#: Seconds a lease release running in the background may take; past that the lease
+#: is left to expire by itself.
+_RELEASE_TIMEOUT: Final = 2.0
+#: Seconds one backend call re-applying a pending invalidation may take.
+_REPLAY_TIMEOUT: Final = 10.0
+#: Tags of failed invalidations remembered for replay; beyond this many, the
+#: replay becomes one clear of the namespace.
+_MAX_PENDING_TAGS: Final = 10_000
+#: Key shapes whose failures to store have been logged, at most.
+_MAX_SHAPES: Final = 256
+
+# A key's shape for logging: alphanumeric runs that are hex with a digit in them
+# (hashes, UUID parts) and then any digit run become "*": "user:123" and
+# "user:456" are both "user:*".
+_HEX_RUN: Final = re.compile(r"(?<![A-Za-z0-9])[0-9A-Fa-f]*[0-9][0-9A-Fa-f]*(?![A-Za-z0-9])")
+_DIGIT_RUN: Final = re.compile(r"[0-9]+")
+
+#: Returned by ReadThrough._hit for a payload that could not be decoded.
+_MISS: Final = object()
+#: A loader's keyword arguments when a request gives none.
+_NO_KWARGS: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+def _key_shape(key: str) -> str:
+    """The key with runs of digits and hexadecimal identifiers replaced by ``*``
+    (``"user:42:posts"`` -> ``"user:*:posts"``): failures are logged once per shape."""
+    return _DIGIT_RUN.sub("*", _HEX_RUN.sub("*", key))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPolicy:
+    """How a read-through load behaves (compiled once per decorated function)."""
+
+    #: Wait for another caller's lease instead of loading too (cross-process stampede protection).
+    lock: bool = True
+    #: Seconds after expiry during which the stale value is served while one caller refreshes it.
+    stale_while_revalidate: float = 0.0
+    #: Probabilistic early refresh (XFetch) before expiry.
+    early_refresh: bool = False
+    #: XFetch's beta: above 1 refreshes earlier, below 1 later.
+    beta: float = 1.0
+    #: Fraction of the TTL removed at random from each write, so entries written
+    #: together do not expire together.
+    jitter: float = 0.0
+    #: On backend failure, call the loader directly instead of raising.
+    fail_open: bool = False
+    #: Try a plain read before the snapshot read: hits are as cheap as ``get``, a
+    #: miss costs one more round trip (read, snapshot and lease, fill).
+    read_first: bool = True
+
+    @property
+    def envelope(self) -> bool:
+        """Whether entries need their expiry and load time stored beside the value."""
+        return self.stale_while_revalidate > 0 or self.early_refresh
+
+    def physical_ttl(self, seconds: float | None, delta: float) -> float | None:
+        """How long the backend keeps an entry whose value took ``delta`` seconds to compute:
+        the TTL, plus the stale window, plus (with early refresh) a grace of twice the
+        compute time (at most a tenth of the TTL) in which a refresh that started just
+        before expiry can finish while the current value is still served."""
+        if seconds is None:
+            return None
+        grace = min(2.0 * delta + 0.01, 0.1 * seconds) if self.early_refresh else 0.0
+        return seconds + max(self.stale_while_revalidate, grace)
+
+    def jittered(self, seconds: float | None) -> float | None:
+        """``seconds`` less a random fraction (up to ``jitter``) of it."""
+        if seconds is None or not self.jitter:
+            return seconds
+        return seconds * (1.0 - self.jitter * random.random())
+
+    def due(self, expires_at: float, delta: float) -> bool:
+        """Whether an entry expiring at ``expires_at`` should be refreshed now."""
+        now = time.time()
+        if now >= expires_at:
+            return True  # stale: served within the stale window, refreshed in the background
+        if self.early_refresh:
+            # XFetch: refresh with a probability growing as expiry nears,
+            # earlier for values that take long (delta) to compute.
+            return now - delta * self.beta * math.log(1.0 - random.random()) >= expires_at
+        return False
+
+
+class LoadRequest(Generic[T]):
+    """One read-through load: what to load, under which key and tags, and how.
+
+    Built per call by an integration and handed to :meth:`ReadThrough.load` or
+    :meth:`ReadThrough.recompute`; the engine never changes it. A slots class
+    with a plain constructor rather than a frozen dataclass, because one is
+    built on every decorated call, hits included.
+
+    Attributes:
+        key: the checked cache key.
+        loader: called with ``args`` and ``kwargs`` (none by default) on a miss or a
+            refresh; returns an awaitable of the value. A decorated call passes
+            the function and the call's arguments, so it builds no closure.
+        ttl: the logical TTL in seconds (``None``: no expiry), before jitter.
+        tags: the checked tags, known before ``loader`` runs.
+        policy: how the load behaves (locking, stale-while-revalidate, fail-open...).
+        result_tags: tags computed from the value (``None``: only ``tags``).
+        args: positional arguments for ``loader``.
+        kwargs: keyword arguments for ``loader``.
+    """
+
+    __slots__ = ("args", "key", "kwargs", "loader", "policy", "result_tags", "tags", "ttl")
+
+    def __init__(
+        self,
+        key: str,
+        loader: Callable[..., Awaitable[T]],
+        ttl: float | None,
+        tags: tuple[str, ...],
+        policy: LoadPolicy,
+        result_tags: Callable[[T], Iterable[str]] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] = _NO_KWARGS,
+    ) -> None:
+        self.key = key
+        self.loader = loader
+        self.ttl = ttl
+        self.tags = tags
+        self.policy = policy
+        self.result_tags = result_tags
+        self.args = args
+        self.kwargs = kwargs
+
+    def call(self) -> Awaitable[T]:
+        """Call the loader with the request's arguments."""
+        return self.loader(*self.args, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"LoadRequest(key={self.key!r}, ttl={self.ttl!r}, tags={self.tags!r})"
+
+
+class _Abandoned(Exception):
+    """Set on a flight whose leader was cancelled: its waiters retry instead of failing.
+
+    ``released`` is false when the leader's lease could not be released: it stays
+    held until it expires, so a waiter loads without it instead of waiting it out.
+    """
+
+    def __init__(self, released: bool) -> None:
+        super().__init__()
+        self.released = released
+
+
+class _Shared:
+    """A flight's value handed to its waiters as is: it had no payload to decode a copy from."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class _Flight:
+    """An in-process load of one key that concurrent callers may join.
+
+    Its future holds the payload the leader encoded, from which each waiter
+    decodes a private copy, or a :class:`_Shared` value when the value could
+    not be encoded.
+    """
+
+    __slots__ = ("epoch", "future", "tags", "tokens")
+
+    def __init__(self, tags: tuple[str, ...], lookup: Lookup) -> None:
+        self.tags = tags
+        self.tokens = lookup.tokens
+        self.epoch = lookup.epoch
+        self.future: asyncio.Future[bytes | _Shared] = asyncio.get_running_loop().create_future()
+        # A flight nobody joined must not log "exception was never retrieved".
+        self.future.add_done_callback(_consume)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class _Loaded:
+    """A value a loader returned, made ready for storing."""
+
+    __slots__ = ("extra", "payload", "problem", "ttl")
+
+    def __init__(
+        self,
+        payload: bytes | None,
+        ttl: float | None,
+        extra: tuple[str, ...],
+        problem: Exception | None,
+    ) -> None:
+        #: What is stored, and what callers sharing the load decode their copy from;
+        #: ``None`` when the value could not be encoded.
+        self.payload = payload
+        #: The physical TTL.
+        self.ttl = ttl
+        #: Tags known only from the value (a ``tags=`` callable), beyond the snapshot ones.
+        self.extra = extra
+        #: Why the value cannot be stored (not encodable, too large, unusable result
+        #: tags), or ``None``.
+        self.problem = problem
+
+
+#: A failed invalidation waiting to be re-applied: its sequence number and its tags
+#: (``None``: clear the whole namespace, what too many pending tags collapse into).
+_Pending: TypeAlias = "tuple[int, tuple[str, ...] | None]"
+
+
+class ReadThrough:
+    """The read-through engine of one :class:`~tagcache.Cache` (one backend and namespace).
+
+    Integrations call :meth:`load` and :meth:`recompute` with a :class:`LoadRequest`.
+    The owning cache also uses the payload helpers (:meth:`encode`,
+    :meth:`too_large`, :meth:`decode`, :attr:`decode_payload`,
+    :meth:`decode_bound`, :meth:`corrupt`), the shared state (:attr:`flights`,
+    :attr:`pending`, :attr:`counters`) and the pending-invalidation queue
+    (:meth:`remember`, :meth:`replay_pending`, :meth:`cleared`).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        namespace: str,
+        codec: Codec,
+        *,
+        max_value_size: int,
+        lease_ttl: float,
+        strict: bool,
+        counters: Counters,
+    ) -> None:
+        self._backend = backend
+        self._ns = namespace
+        self._codec = codec
+        # Bound methods looked up once: the hit path runs them on every call.
+        self._backend_get = backend.get
+        self._get_nowait = backend.get_nowait if isinstance(backend, NowaitReads) else None
+        #: The codec's ``decode``, or ``None`` for a codec binding payloads to their
+        #: place (it gets "namespace NUL key" as context): then hit paths call
+        #: :meth:`decode_bound` instead.
+        self.decode_payload: Callable[[bytes], Any] | None = codec.decode
+        self._context: bytes | None = None
+        if isinstance(codec, KeyBoundCodec):
+            self._context = namespace.encode() + b"\x00"
+            self._encode_for = codec.encode_for
+            self._decode_for = codec.decode_for
+            self.decode_payload = None
+        self._max_value_size = max_value_size
+        self._lease_ttl = lease_ttl
+        self._strict = strict
+        #: The owning cache's counters (``stats()``).
+        self.counters = counters
+        #: In-process loads by key; a write or delete of the key drops its flight.
+        self.flights: dict[str, _Flight] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._refreshing: set[str] = set()
+        self._incident = False
+        self._closed = False
+        #: Failed invalidations, oldest first, re-applied before the next read.
+        self.pending: deque[_Pending] = deque()
+        self._pending_tags = 0
+        #: Sequence number of the latest invalidation remembered.
+        self.seq = 0
+        #: Every remembered invalidation numbered up to this is applied.
+        self.applied = 0
+        self._replaying: asyncio.Task[Any] | None = None
+        #: Why the latest replay failed (``None`` after one succeeded).
+        self.replay_error: BaseException | None = None
+        self._replay_failing = False
+        # (failure kind, key shape) pairs logged already.
+        self._logged_shapes: set[tuple[str, str]] = set()
+
+    # ------------------------------------------------------------------ payloads
+
+    def encode(self, key: str, value: object) -> bytes:
+        """The codec's payload for ``value`` stored under ``key`` (no size check)."""
+        try:
+            context = self._context
+            if context is None:
+                return self._codec.encode(value)
+            return self._encode_for(value, context + key.encode())
+        except SerializationError as exc:
+            raise SerializationError(f"cannot cache key {key!r}: {exc}") from exc
+        except Exception as exc:  # a user-registered encoder failed
+            raise SerializationError(
+                f"cannot cache key {key!r}: encoding {type(value).__name__} failed: {exc}"
+            ) from exc
+
+    def too_large(self, key: str, payload: bytes) -> ValueTooLargeError | None:
+        """The error for a payload over ``max_value_size``, or ``None``."""
+        if len(payload) <= self._max_value_size:
+            return None
+        return ValueTooLargeError(
+            f"value for key {key!r} is {len(payload)} bytes encoded, over max_value_size="
+            f"{self._max_value_size}; store less, or raise max_value_size"
+        )
+
+    def decode(self, key: str, payload: bytes) -> Any:
+        """Decode the codec payload stored under ``key`` (outside the hit paths)."""
+        context = self._context
+        if context is None:
+            return self._codec.decode(payload)
+        return self._decode_for(payload, context + key.encode())
+
+    def decode_bound(self, key: str, payload: bytes) -> Any:
+        """Decode with a key-bound codec (:attr:`decode_payload` is ``None``)."""
+        context = self._context
+        assert context is not None
+        return self._decode_for(payload, context + key.encode())
+
+    def corrupt(self, key: str, exc: Exception) -> None:
+        """Count and log a payload under ``key`` that could not be decoded (read as a miss)."""
+        self.counters.errors += 1
+        logger.warning("tagcache: unreadable value under key %r treated as a miss: %s", key, exc)
+
+    def _strict_now(self) -> bool:
+        return self._strict or STRICT.get()
+
+    def _log_once(self, kind: str, key: str, message: str, *args: object) -> None:
+        """Log a failure at WARNING once per kind and key shape (a bounded number of shapes)."""
+        shapes = self._logged_shapes
+        if len(shapes) > _MAX_SHAPES:
+            return
+        shape = (kind, _key_shape(key))
+        if shape in shapes:
+            return
+        shapes.add(shape)
+        if len(shapes) > _MAX_SHAPES:
+            logger.warning(
+                "tagcache: failures of %d key shapes logged; further ones are only counted in stats()",
+                _MAX_SHAPES,
+            )
+            return
+        logger.warning(message + " (logged once for keys shaped %r)", *args, shape[1])
+
+    def _not_stored(self, key: str, exc: BaseException) -> None:
+        """Count and log (once per key shape) a loaded value returned without being stored."""
+        counters = self.counters
+        counters.errors += 1
+        counters.not_stored += 1
+        note_not_stored()
+        self._log_once(
+            f"store:{type(exc).__name__}",
+            key,
+            "tagcache: the value loaded for key %r is returned but not cached: %s: %s",
+            key,
+            type(exc).__name__,
+            exc,
+        )
+
+    # ------------------------------------------------------------------ the interface
+
+    async def load(self, request: LoadRequest[T]) -> T:
+        """Return the value cached under ``request.key``, or load, store and return it.
+
+        The read-through path of :meth:`tagcache.Cache.get_or_set` and of
+        ``@cached`` functions: a plain read first when the policy says so
+        (hits cost what ``get`` costs); on a miss, the tag tokens are read and
+        the key's lease taken before the loader runs, concurrent callers in the
+        process share one load, callers in other processes wait for the lease
+        holder's value, and the value is stored only if no tag was invalidated
+        meanwhile. A backend failure raises, or with ``policy.fail_open`` calls
+        the loader directly. A value that cannot be stored is returned anyway
+        (counted in ``not_stored``), unless the cache is strict.
+        """
+        key, policy = request.key, request.policy
+        counters = self.counters
+        if DISABLED.get():
+            counters.misses += 1
+            return await request.call()
+        if self.pending and not await self.replay_pending():
+            # A failed invalidation is not re-applied yet: the store may be stale.
+            counters.misses += 1
+            return await request.call()
+        backend, ns = self._backend, self._ns
+        if policy.read_first:
+            # A plain read first: hits take the backend's fastest path (batched
+            # with concurrent reads); only a miss pays for the snapshot below.
+            try:
+                nowait = self._get_nowait
+                payload = nowait(ns, key) if nowait is not None else await self._backend_get(ns, key)
+            except TagCacheError as exc:
+                self._backend_failed(exc, policy)
+                return await request.call()
+            if self._incident:
+                self._backend_recovered()
+            if payload is not None:
+                # _hit, inline: every decorated hit comes this way.
+                enveloped = payload[:1] == ENVELOPE
+                data = payload[META.size + 1 :] if enveloped else payload
+                try:
+                    decode = self.decode_payload
+                    value = decode(data) if decode is not None else self.decode_bound(key, data)
+                except Exception as exc:
+                    self.corrupt(key, exc)  # and read again below
+                else:
+                    if enveloped:
+                        expires_at, delta = META.unpack_from(payload, 1)
+                        if expires_at and policy.due(expires_at, delta):
+                            self._refresh_soon(request)
+                    counters.hits += 1
+                    return value  # type: ignore[no-any-return]  # decoded payload of a T stored by loader
+        tags, result_tags = request.tags, request.result_tags
+        # When this call must stop waiting for other callers' loads (set at the first wait).
+        deadline: float | None = None
+        corrupt = False
+        while True:
+            try:
+                lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
+                if lookup.payload is not None:
+                    found = self._hit(request, lookup.payload)
+                    if found is not _MISS:
+                        return found  # type: ignore[no-any-return]  # as above
+                    if corrupt:  # written again at once: do not loop on it
+                        return await request.call()
+                    # Corrupt or foreign payload: drop it and read again (now a miss).
+                    corrupt = True
+                    await backend.delete(ns, key)
+                    continue
+            except TagCacheError as exc:
+                self._backend_failed(exc, policy)
+                return await request.call()
+            if self._incident:
+                self._backend_recovered()
+            counters.misses += 1
+            flight = self.flights.get(key)
+            if (
+                flight is not None
+                and flight.tags == tags
+                and flight.tokens == lookup.tokens
+                and (result_tags is None or flight.epoch == lookup.epoch)
+            ):
+                # No invalidation of these tags since that load began (nor of any
+                # tag, when tags come from the result): share it.
+                now = asyncio.get_running_loop().time()
+                if deadline is None:
+                    deadline = now + self._lease_ttl
+                future = flight.future
+                if not future.done() and deadline > now:
+                    await asyncio.wait((future,), timeout=deadline - now)
+                if not future.done():
+                    return await self._stop_waiting(key, request.call)
+                try:
+                    shared = future.result()
+                except _Abandoned as abandoned:
+                    if abandoned.released:
+                        continue
+                    return await request.call()
+                if isinstance(shared, _Shared):
+                    return shared.value  # type: ignore[return-value]  # the leader's value, a T
+                return self.decode(key, strip(shared))  # type: ignore[no-any-return]  # as above
+            if lookup.lease is None and policy.lock:
+                # Another caller (in another process, or one that started before
+                # an invalidation) holds the lease: wait for its value.
+                now = asyncio.get_running_loop().time()
+                if deadline is None:
+                    deadline = now + self._lease_ttl
+                elif now >= deadline:
+                    return await self._stop_waiting(key, request.call)
+                try:
+                    own = await self._await_fill(key, tags, deadline - now)
+                except TagCacheError as exc:
+                    self._backend_failed(exc, policy)
+                    return await request.call()
+                if own is None:
+                    continue
+                lookup = own
+            return await self._lead(request, lookup)
+
+    async def recompute(self, request: LoadRequest[T]) -> tuple[T] | None:
+        """Run the request's loader and store its value if this caller gets the key's lease.
+
+        Returns ``(value,)``, or ``None`` without running the loader when
+        another caller holds the lease (it is refreshing the key already). A
+        backend failure taking the lease raises; one storing the value does not
+        (the value is returned, counted in ``not_stored``).
+        """
+        key = request.key
+        lookup = await self._backend.lease(self._ns, key, request.tags, self._lease_ttl)
+        if lookup.lease is None:
+            return None
+        lease = lookup.lease
+        try:
+            started = time.monotonic()
+            value = await request.call()
+        except BaseException:
+            self._release_soon(key, lease)
+            raise
+        loaded = self._prepare(request, value, time.monotonic() - started)
+        if loaded.problem is not None:
+            self._release_soon(key, lease)
+            if self._strict_now():
+                raise loaded.problem
+            self._not_stored(key, loaded.problem)
+            return (value,)
+        await self._store(key, loaded, request.tags, lookup, lease)
+        return (value,)
+
+    # ------------------------------------------------------------------ the engine
+
+    def _hit(self, request: LoadRequest[Any], payload: bytes) -> Any:
+        """Decode a hit, starting a background refresh when it is stale or due for early
+        refresh; :data:`_MISS` when the payload is corrupt (counted and logged)."""
+        enveloped = payload[:1] == ENVELOPE
+        data = payload[META.size + 1 :] if enveloped else payload
+        try:
+            decode = self.decode_payload
+            value = decode(data) if decode is not None else self.decode_bound(request.key, data)
+        except Exception as exc:
+            self.corrupt(request.key, exc)
+            return _MISS
+        if enveloped:
+            expires_at, delta = META.unpack_from(payload, 1)
+            if expires_at and request.policy.due(expires_at, delta):
+                self._refresh_soon(request)
+        self.counters.hits += 1
+        return value
+
+    async def _await_fill(self, key: str, tags: tuple[str, ...], timeout: float) -> Lookup | None:
+        """Wait, without polling and at most ``timeout`` seconds, until the key's lease
+        holder fills or gives up.
+
+        Returns a miss with this caller's own lease when it may load now, or
+        ``None`` when the caller should read the key again.
+        """
+        backend, ns = self._backend, self._ns
+        async with backend.watch(ns, key) as watch:
+            # Read again now that the watch is ready: the fill may have happened already.
+            lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
+            if lookup.payload is not None:
+                return None
+            if lookup.lease is not None:
+                return lookup
+            await watch.wait(timeout)
+        return None
+
+    async def _stop_waiting(self, key: str, loader: Callable[[], Awaitable[T]]) -> T:
+        """Load without storing: this call waited ``lease_ttl`` for others' loads of ``key``."""
+        self.counters.errors += 1
+        self._log_once(
+            "wait",
+            key,
+            "tagcache: waited lease_ttl (%g s) for another caller to load key %r (a lease holder "
+            "that does not finish, or foreign data under the lease); loading it here without storing",
+            self._lease_ttl,
+            key,
+        )
+        return await loader()
+
+    async def _lead(self, request: LoadRequest[T], lookup: Lookup) -> T:
+        """Run the loader as the key's in-process flight; store its value under the lease."""
+        key, tags = request.key, request.tags
+        flight = _Flight(tags, lookup)
+        self.flights[key] = flight
+        lease = lookup.lease
+        try:
+            started = time.monotonic()
+            try:
+                value = await request.call()
+            except asyncio.CancelledError:
+                # Wake the waiters only once the lease is released, so one of
+                # them can take it and load in its own task.
+                self._spawn(self._abandon(flight, key, lease))
+                raise
+            except BaseException as exc:
+                if lease is not None:
+                    self._release_soon(key, lease)
+                flight.future.set_exception(exc)
+                raise
+            loaded = self._prepare(request, value, time.monotonic() - started)
+            problem = loaded.problem
+            if problem is not None and self._strict_now():
+                if lease is not None:
+                    self._release_soon(key, lease)
+                flight.future.set_exception(problem)
+                raise problem
+            payload = loaded.payload
+            flight.future.set_result(payload if payload is not None else _Shared(value))
+        finally:
+            if self.flights.get(key) is flight:
+                del self.flights[key]
+        if problem is not None:
+            if lease is not None:
+                self._release_soon(key, lease)
+            self._not_stored(key, problem)
+        elif lease is not None:
+            await self._store(key, loaded, tags, lookup, lease)
+        return value
+
+    def _prepare(self, request: LoadRequest[T], value: T, delta: float) -> _Loaded:
+        """Encode a value the loader took ``delta`` seconds to produce, with its physical
+        TTL and result tags, noting (never raising) why it cannot be stored."""
+        key, policy, result_tags = request.key, request.policy, request.result_tags
+        problem: Exception | None = None
+        payload: bytes | None = None
+        try:
+            payload = self.encode(key, value)
+        except SerializationError as exc:
+            problem = exc
+        else:
+            problem = self.too_large(key, payload)
+        seconds = policy.jittered(request.ttl)
+        if payload is not None and policy.envelope and seconds is not None:
+            payload = wrap(payload, seconds, delta)
+        extra: tuple[str, ...] = ()
+        if result_tags is not None and problem is None:
+            try:
+                extra = tuple(t for t in check_tags(result_tags(value)) if t not in request.tags)
+            except Exception as exc:  # the tags callable failed, or returned bad tags
+                problem = exc
+        return _Loaded(payload, policy.physical_ttl(seconds, delta), extra, problem)
+
+    async def _store(
+        self, key: str, loaded: _Loaded, tags: tuple[str, ...], lookup: Lookup, lease: str
+    ) -> bool:
+        """Compare-and-set ``loaded`` under ``lease``; return whether it was stored.
+
+        Never raises a backend error: a failed store is counted and logged, and the
+        lease released in the background (also when the caller is cancelled).
+        """
+        backend, ns = self._backend, self._ns
+        seconds, payload = loaded.ttl, loaded.payload
+        if seconds == 0 or payload is None:
+            self._release_soon(key, lease)
+            return False
+        tokens, epoch = lookup.tokens, None
+        try:
+            if loaded.extra:
+                # Tags known only from the result could not be snapshot at the
+                # miss: read their tokens now, and store only if no tag at all
+                # was invalidated since the miss (the epoch), which covers an
+                # invalidation of these tags while the value was computed.
+                current = await backend.lease(ns, key, loaded.extra, self._lease_ttl)
+                if current.lease is not None:
+                    # Our lease expired during the load (this one is new): the value
+                    # is too late to store, and the new lease must not linger.
+                    self._release_soon(key, current.lease)
+                    return False
+                tags, tokens, epoch = tags + loaded.extra, tokens + current.tokens, lookup.epoch
+            stored = await backend.fill(ns, key, payload, seconds, tags, tokens, lease, epoch)
+        except asyncio.CancelledError:
+            self._release_soon(key, lease)
+            raise
+        except Exception as exc:
+            self._release_soon(key, lease)
+            self._not_stored(key, exc)
+            return False
+        if stored:
+            self.counters.sets += 1
+            note_write()
+        return stored
+
+    def _refresh_soon(self, request: LoadRequest[Any]) -> None:
+        """Refresh the key in the background, once per process; the lease makes it once overall."""
+        key = request.key
+        if key in self._refreshing or self._closed:
+            return
+        self._refreshing.add(key)
+        self._spawn(self._refresh(request))
+
+    async def _refresh(self, request: LoadRequest[Any]) -> None:
+        try:
+            await self.recompute(request)
+        except Exception:
+            self.counters.errors += 1
+            logger.warning("tagcache: background refresh of key %r failed", request.key, exc_info=True)
+        finally:
+            self._refreshing.discard(request.key)
+
+    def _backend_failed(self, exc: TagCacheError, policy: LoadPolicy) -> None:
+        """Count a backend failure; re-raise it unless the policy fails open, in which
+        case log it once per incident (until the backend answers again)."""
+        self.counters.errors += 1
+        if not policy.fail_open:
+            raise exc
+        if not self._incident:
+            self._incident = True
+            logger.error("tagcache: backend failing, calling functions directly: %s", exc)
+
+    def _backend_recovered(self) -> None:
+        self._incident = False
+        logger.warning("tagcache: backend answering again")
+
+    async def _release(self, key: str, lease: str) -> bool:
+        """Give up ``lease``; return whether that succeeded. Run in a background task and
+        bounded in time, so the caller's cancellation never leaves the lease held."""
+        try:
+            await asyncio.wait_for(self._backend.release(self._ns, key, lease), _RELEASE_TIMEOUT)
+        except Exception as exc:  # the lease expires by itself; the loader's outcome matters more
+            self.counters.errors += 1
+            self._log_once(
+                "release",
+                key,
+                "tagcache: could not release the lease on key %r (it expires after lease_ttl): %s: %s",
+                key,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        return True
+
+    async def _abandon(self, flight: _Flight, key: str, lease: str | None) -> None:
+        """Release the lease of a cancelled leader, then wake the callers sharing its load."""
+        released = False
+        try:
+            released = lease is None or await self._release(key, lease)
+        finally:
+            if not flight.future.done():
+                flight.future.set_exception(_Abandoned(released))
+
+    def _release_soon(self, key: str, lease: str) -> None:
+        """Release ``lease`` in a background task, whatever happens to the caller."""
+        self._spawn(self._release(key, lease))
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[Any]:
+        """Run ``coro`` in a background task of its own (the caller's cancellation does
+        not reach it); :meth:`aclose` waits for it."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ------------------------------------------------------------------ pending invalidations
+
+    def remember(self, tags: tuple[str, ...]) -> int:
+        """Queue a failed invalidation of ``tags`` for re-applying; return its sequence number."""
+        seq = self.seq = self.seq + 1
+        pending = self.pending
+        first = not pending
+        if (pending and pending[0][1] is None) or self._pending_tags + len(tags) > _MAX_PENDING_TAGS:
+            if not pending or pending[0][1] is not None:
+                logger.error(
+                    "tagcache: more than %d tags of failed invalidations pending in namespace %r; "
+                    "they will be re-applied as one clear of the namespace",
+                    _MAX_PENDING_TAGS,
+                    self._ns,
+                )
+            # A clear begun before this invalidation would not cover it: a new entry.
+            pending.clear()
+            pending.append((seq, None))
+            self._pending_tags = 0
+        else:
+            pending.append((seq, tags))
+            self._pending_tags += len(tags)
+        if first:
+            logger.error(
+                "tagcache: invalidation of %s in namespace %r failed; it will be re-applied before "
+                "this cache reads again, and until then reads bypass the cache",
+                list(tags),
+                self._ns,
+            )
+        return seq
+
+    def cleared(self, started: int) -> None:
+        """Settle the pending invalidations covered by a clear of the namespace that
+        began when :attr:`seq` was ``started``."""
+        pending = self.pending
+        while pending and pending[0][0] <= started:
+            tags = pending.popleft()[1]
+            if tags is not None:
+                self._pending_tags -= len(tags)
+        self.applied = max(self.applied, started)
+
+    async def replay_pending(self) -> bool:
+        """Re-apply the pending invalidations (one replay at a time, shared by the callers
+        that need it); return whether none is left."""
+        task = self._replaying
+        if task is None:
+            task = self._replaying = self._spawn(self._replay())
+        await asyncio.shield(task)
+        return not self.pending
+
+    async def _replay(self) -> None:
+        pending, backend, ns = self.pending, self._backend, self._ns
+        replayed = 0
+        try:
+            while pending:
+                item = pending[0]
+                seq, tags = item
+                if tags is None:
+                    await asyncio.wait_for(backend.clear(ns), _REPLAY_TIMEOUT)
+                else:
+                    await asyncio.wait_for(backend.invalidate(ns, tags), _REPLAY_TIMEOUT)
+                    self.counters.invalidations += len(tags)
+                # A collapse or a clear() may have replaced the queue meanwhile.
+                if pending and pending[0] is item:
+                    pending.popleft()
+                    if tags is not None:
+                        self._pending_tags -= len(tags)
+                self.applied = max(self.applied, seq)
+                replayed += 1
+        except Exception as exc:
+            self.counters.errors += 1
+            self.replay_error = exc
+            if not self._replay_failing:
+                self._replay_failing = True
+                logger.error(
+                    "tagcache: %d failed invalidation(s) in namespace %r cannot be re-applied yet "
+                    "(%s: %s); reads bypass the cache until they are",
+                    len(pending),
+                    ns,
+                    type(exc).__name__,
+                    exc,
+                )
+        else:
+            self._replay_failing = False
+            self.replay_error = None
+            if replayed:
+                logger.warning("tagcache: re-applied %d failed invalidation(s) in namespace %r", replayed, ns)
+        finally:
+            self._replaying = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def aclose(self) -> None:
+        """Stop starting refreshes, re-apply the pending invalidations one last time
+        (logging at ERROR the ones that still fail), and wait for the background tasks."""
+        self._closed = True
+        if self.pending:
+            await self.replay_pending()
+            if self.pending:
+                logger.error(
+                    "tagcache: closing namespace %r with %d failed invalidation(s) not re-applied: %s; "
+                    "other processes may serve entries carrying these tags until they expire",
+                    self._ns,
+                    len(self.pending),
+                    "the whole namespace"
+                    if self.pending[0][1] is None
+                    else sorted({tag for _, tags in self.pending for tag in tags or ()}),
+                )
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
