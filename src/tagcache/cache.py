@@ -7,7 +7,6 @@ reads free of stale data.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Cache", "EntryView", "LoadPolicy"]
 
-logger: Final = logging.getLogger("tagcache")
 
 T = TypeVar("T")
 P = ParamSpec("P")
