@@ -548,8 +548,6 @@ class RedisBackend:
                 raise ConfigurationError(
                     f"breaker_failures must be an int and breaker_cooldown a number of seconds, got {ours}"
                 ) from None
-            where = parts.path if scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
-            breaker = CircuitBreaker(failures, cooldown, name=f"Redis at {where}")
         try:
             pool = aioredis.BlockingConnectionPool.from_url(
                 url,
@@ -560,6 +558,8 @@ class RedisBackend:
             )
         except ValueError as exc:  # a query parameter redis-py cannot parse
             raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+        if ours:
+            breaker = CircuitBreaker(failures, cooldown, name=_describe(pool))
         options = pool.connection_kwargs
         client = aioredis.Redis(connection_pool=pool)
         return cls(
