@@ -23,6 +23,7 @@ from tagcache.exceptions import (
     SerializationError,
     TagCacheError,
     UnsupportedArgumentError,
+    UnsupportedOperationError,
     ValueTooLargeError,
 )
 from tagcache.sentinel import MISSING, Missing
@@ -52,6 +53,7 @@ __all__ = [
     "SerializationError",
     "TagCacheError",
     "UnsupportedArgumentError",
+    "UnsupportedOperationError",
     "ValueTooLargeError",
     "WarmingReport",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "SerializationError",
     "TagCacheError",
     "UnsupportedArgumentError",
+    "UnsupportedOperationError",
     "ValueTooLargeError",
 ]
 
@@ -71,3 +72,9 @@ class BackendUnavailableError(BackendError):
 class UnsupportedArgumentError(TagCacheError, TypeError):
     """A decorated function got an argument whose type has no stable encoding in a
     default cache key; the message names the parameter and suggests ``key=`` or ``ignore=``."""
+
+
+class UnsupportedOperationError(TagCacheError, NotImplementedError):
+    """The backend does not offer an optional capability an operation needs
+    (:meth:`tagcache.Cache.peek` or :meth:`tagcache.Cache.keys` on a backend without
+    ``peek`` or ``keys``); the message names the backend and the capability."""

@@ -1,4 +1,8 @@
-"""Storage backends: the :class:`Backend` protocol and its implementations.
+"""Storage backends: the :class:`Backend` protocol, its optional capabilities and its implementations.
+
+:class:`Backend` is the core every backend implements; :class:`SupportsWatch`,
+:class:`SupportsPeek`, :class:`SupportsKeys`, :class:`SupportsInfo`,
+:class:`NowaitReads` and :class:`HealthReporting` are optional capabilities.
 
 ``RedisBackend`` needs redis-py (``pip install 'tagcache[redis]'``); it is
 imported on first access, so this package imports without redis installed.
@@ -8,7 +12,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tagcache.backends.base import Backend, BackendInfo, EntryInfo, HealthReporting, Lookup
+from tagcache.backends.base import (
+    Backend,
+    BackendInfo,
+    EntryInfo,
+    FillWatch,
+    HealthReporting,
+    Lookup,
+    NowaitReads,
+    SupportsInfo,
+    SupportsKeys,
+    SupportsPeek,
+    SupportsWatch,
+)
 from tagcache.backends.breaker import CircuitBreaker
 from tagcache.backends.memory import MemoryBackend
 
@@ -20,10 +36,16 @@ __all__ = [
     "BackendInfo",
     "CircuitBreaker",
     "EntryInfo",
+    "FillWatch",
     "HealthReporting",
     "Lookup",
     "MemoryBackend",
+    "NowaitReads",
     "RedisBackend",
+    "SupportsInfo",
+    "SupportsKeys",
+    "SupportsPeek",
+    "SupportsWatch",
 ]
 
 

@@ -22,6 +22,20 @@ connection pool) can serve several caches. Keys and tags arrive already
 validated (:mod:`tagcache.tags`); TTLs arrive as positive seconds or ``None``.
 Backends raise :class:`tagcache.BackendError` for storage failures, chaining
 the original exception.
+
+:class:`Backend` holds only the operations every backend must implement.
+Everything else is an optional capability, a small protocol of its own that
+tagcache detects with ``isinstance`` and does without when it is missing:
+
+* :class:`SupportsWatch`: wait for another caller's fill without polling;
+* :class:`SupportsPeek`: :meth:`tagcache.Cache.peek`;
+* :class:`SupportsKeys`: :meth:`tagcache.Cache.keys`;
+* :class:`SupportsInfo`: backend figures in :meth:`tagcache.Cache.stats`;
+* :class:`NowaitReads`: synchronous reads, for an in-process store;
+* :class:`HealthReporting`: health figures in :meth:`tagcache.Cache.stats`.
+
+:class:`tagcache.testing.BackendContract` is the executable definition of
+this interface: subclass it in a test module to check a backend.
 """
 
 from __future__ import annotations
@@ -31,7 +45,19 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Backend", "BackendInfo", "EntryInfo", "FillWatch", "HealthReporting", "Lookup", "NowaitReads"]
+__all__ = [
+    "Backend",
+    "BackendInfo",
+    "EntryInfo",
+    "FillWatch",
+    "HealthReporting",
+    "Lookup",
+    "NowaitReads",
+    "SupportsInfo",
+    "SupportsKeys",
+    "SupportsPeek",
+    "SupportsWatch",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +150,18 @@ class FillWatch(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """Storage for :class:`tagcache.Cache`. Implement this to add a backend.
+    """Storage for :class:`tagcache.Cache`: the core operations. Implement this to add a backend.
 
-    Implementations must behave exactly like :class:`tagcache.backends.MemoryBackend`;
-    ``tests/test_contract.py`` is the executable definition of that behaviour.
+    These ten methods are all a backend must have. Implementations must behave
+    like :class:`tagcache.backends.MemoryBackend`, and
+    :class:`tagcache.testing.BackendContract` is the executable definition of
+    that behaviour: subclass it in a test module, give it a ``backend``
+    fixture returning a fresh instance, and run pytest.
+
+    Optional capabilities are separate protocols (:class:`SupportsWatch`,
+    :class:`SupportsPeek`, :class:`SupportsKeys`, :class:`SupportsInfo`,
+    :class:`NowaitReads`, :class:`HealthReporting`): implement their methods
+    as well and tagcache uses them. Each one says what tagcache does without it.
     """
 
     async def get(self, ns: str, key: str) -> bytes | None:
@@ -137,7 +171,9 @@ class Backend(Protocol):
         """Read ``key``; on a miss, snapshot the tokens of ``tags`` and try to take the fill lease.
 
         Missing tokens are created (with a TTL of at least ``lease_ttl``). The
-        lease, if granted, expires after ``lease_ttl`` seconds.
+        lease, if granted, expires after ``lease_ttl`` seconds. A backend with
+        :class:`SupportsWatch` also marks the key as waited for when it finds
+        the lease held by another caller.
         """
 
     async def lease(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
@@ -146,15 +182,6 @@ class Backend(Protocol):
 
         Returns ``Lookup(None, tokens, lease_or_None)``, like a miss of :meth:`fetch`,
         but never marks the key as waited for.
-        """
-
-    def watch(self, ns: str, key: str) -> FillWatch:
-        """Return a :class:`FillWatch` on ``key``: enter it, read the key again, then wait.
-
-        A :meth:`fetch` that finds the lease held by another caller notes, in
-        the same atomic step, that the key is waited for; :meth:`fill` (whether
-        it stores or not), :meth:`release`, :meth:`set` and :meth:`delete` of
-        a waited-for key then signal its watchers.
         """
 
     async def set(self, ns: str, key: str, payload: bytes, ttl: float | None, tags: Sequence[str]) -> None:
@@ -198,17 +225,72 @@ class Backend(Protocol):
     async def clear(self, ns: str) -> int:
         """Remove every key of namespace ``ns`` (entries, tokens, leases); return entries removed."""
 
-    async def keys(self, ns: str, pattern: str, limit: int | None) -> list[str]:
-        """Return up to ``limit`` stored keys of ``ns`` matching the Redis glob ``pattern``."""
+    async def aclose(self) -> None:
+        """Release connections and other resources. Safe to call twice."""
+
+
+@runtime_checkable
+class SupportsWatch(Protocol):
+    """Optional capability of a backend that can wake a caller waiting for another caller's fill.
+
+    A caller whose :meth:`Backend.fetch` finds the key's lease held by another
+    caller (in this or another process) waits for that caller's fill. With
+    ``watch`` it is woken as soon as the key is filled or released; without
+    it, tagcache polls the key (reads it again at intervals) until it holds
+    a value or its lease is free: correct, only slower to notice and costlier.
+    """
+
+    def watch(self, ns: str, key: str) -> FillWatch:
+        """Return a :class:`FillWatch` on ``key``: enter it, read the key again, then wait.
+
+        A :meth:`Backend.fetch` that finds the lease held by another caller
+        notes, in the same atomic step, that the key is waited for;
+        :meth:`Backend.fill` (whether it stores or not), :meth:`Backend.release`,
+        :meth:`Backend.set` and :meth:`Backend.delete` of a waited-for key then
+        signal its watchers.
+        """
+
+
+@runtime_checkable
+class SupportsPeek(Protocol):
+    """Optional capability of a backend that can show a stored entry without reading it as a hit.
+
+    Without ``peek``, :meth:`tagcache.Cache.peek` raises an error saying the
+    backend cannot peek; reads and writes are not affected.
+    """
 
     async def peek(self, ns: str, key: str) -> EntryInfo | None:
-        """Return the stored entry with its TTL, tags and validity, or ``None``."""
+        """Return the stored entry with its TTL, tags and validity, or ``None``.
+
+        Writes nothing, and an entry whose tags were invalidated is still shown
+        (with ``valid=False``) until it is removed.
+        """
+
+
+@runtime_checkable
+class SupportsKeys(Protocol):
+    """Optional capability of a backend that can list the keys of a namespace.
+
+    Without ``keys``, :meth:`tagcache.Cache.keys` raises an error saying the
+    backend cannot list keys; reads and writes are not affected.
+    """
+
+    async def keys(self, ns: str, pattern: str, limit: int | None) -> list[str]:
+        """Return up to ``limit`` (``None``: all) stored keys of ``ns`` matching the
+        Redis glob ``pattern``; never keys of other namespaces, tokens or leases."""
+
+
+@runtime_checkable
+class SupportsInfo(Protocol):
+    """Optional capability of a backend that knows figures about its own size.
+
+    Without ``info``, :meth:`tagcache.Cache.stats` reports the backend's
+    figures (keys, memory, evictions) as ``None``; the cache's own counters
+    are reported as usual.
+    """
 
     async def info(self) -> BackendInfo:
         """Return what the backend knows about its size and evictions."""
-
-    async def aclose(self) -> None:
-        """Release connections and other resources. Safe to call twice."""
 
 
 @runtime_checkable
