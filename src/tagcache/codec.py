@@ -16,7 +16,8 @@ rejects) bytes it did not write.
   its signature has been verified.
 
 Decoding never imports a module: classes named in a payload are looked up
-only among the modules this process has already imported.
+only among the modules this process has already imported, and the classes
+adopted by the codec (:meth:`JsonCodec.adopt`).
 
 Codec errors raise :class:`~tagcache.exceptions.SerializationError`.
 """
@@ -170,6 +171,10 @@ _ZONE_KEY: Final = re.compile(r"(?=.{1,255}\Z)[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+
 
 _PLAIN_TYPES: Final = frozenset({str, int, float, bool, type(None), dict, list})
 _HINT: Final = "register it with JsonCodec.register(), or use PickleCodec"
+_ADOPT_HINT: Final = (
+    "name it in the return annotation of the cached function (such as '-> Out' or '-> list[Out]'), "
+    "which makes @cache.cached adopt it (JsonCodec.adopt())"
+)
 _MISSING: Final = object()
 
 
@@ -223,18 +228,33 @@ def _class_ref(cls: type, kind: str) -> str:
     if "<locals>" in qualname:
         raise _EncodeFailure(
             f"{kind} {_type_name(cls)} is a local class, which cannot be found by name when decoding; "
-            "define it at module level, or register it with JsonCodec.register()"
+            f"define it at module level, {_ADOPT_HINT}, or register it with JsonCodec.register()"
         )
-    try:
-        found = _find_class(cls.__module__, qualname)
-    except _NotImported:
-        found = None
-    if found is not cls:
+    if _find_class_or_none(cls.__module__, qualname) is not cls:
         raise _EncodeFailure(
-            f"{kind} {_type_name(cls)} cannot be found again by its name {ref!r}; "
-            "define it at module level under that name, or register it with JsonCodec.register()"
+            f"{kind} {_type_name(cls)} cannot be found again by its name {ref!r}; define it at module "
+            f"level under that name, {_ADOPT_HINT}, or register it with JsonCodec.register()"
         )
     return ref
+
+
+def _find_class_or_none(module_name: str, qualname: str) -> object:
+    """:func:`_find_class`, with ``None`` for a module that is not imported."""
+    try:
+        return _find_class(module_name, qualname)
+    except _NotImported:
+        return None
+
+
+def _class_kind(cls: type) -> str | None:
+    """The kind of class :class:`JsonCodec` stores by reference, or ``None`` for any other class."""
+    if issubclass(cls, enum.Enum):
+        return "enum"
+    if dataclasses.is_dataclass(cls):
+        return "dataclass"
+    if _is_pydantic_model_class(cls):
+        return "pydantic model"
+    return None
 
 
 # Field fingerprints: a short hash of what an instance's stored fields must match to be valid
@@ -355,8 +375,10 @@ class JsonCodec:
     imported the class's module itself, and a payload naming a module that
     is not imported raises :class:`~tagcache.exceptions.SerializationError`
     (which the cache counts as an error and treats as a miss). Classes
-    defined inside a function cannot be found by name and must be registered
-    with :meth:`register`, as must any other type. Dataclasses and models
+    defined inside a function cannot be found by name: they must be adopted
+    (:meth:`adopt`, which ``@cache.cached`` does for the classes named in a
+    function's return annotation) or registered with :meth:`register`, as
+    must any other type. Dataclasses and models
     are restored field by field without calling ``__init__`` or validators,
     the way :mod:`pickle` restores them.
 
@@ -433,9 +455,77 @@ class JsonCodec:
         # fingerprints that matched the class found; a changed class never gets an entry
         self._dataclasses: dict[tuple[str, str], tuple[Any, tuple[dataclasses.Field[Any], ...]]] = {}
         self._models: dict[tuple[str, str], Any] = {}
+        # class reference -> the class adopted under it (adopt()): consulted only when a class is
+        # first seen (_discover) and when adopting; decoding finds it through _classes
+        self._adopted: dict[str, type] = {}
+        # classes adopted earlier and then replaced by another class of the same reference
+        self._replaced: weakref.WeakSet[type] = weakref.WeakSet()
 
     # ---------------------------------------------------------------------------------------------
     # public API
+
+    def adopt(self, cls: type) -> bool:
+        """Store and find ``cls`` by the class object itself instead of looking its name up.
+
+        A dataclass, pydantic model or enum is stored with its reference
+        ``"module:qualname"`` and found again by that name when decoding, so a
+        class defined inside a function (its qualname contains ``<locals>``)
+        or a module-level class that was shadowed or renamed cannot be stored.
+        Adopting it makes this codec remember it under its reference, for
+        encoding and decoding: the payload format and the field fingerprint
+        check are unchanged, so a value stored for a different set of fields
+        still fails to decode (a cache reads it as a miss). ``@cache.cached``
+        adopts the classes named in a cached function's return annotation
+        (see :func:`tagcache.hints.prepare_codec`).
+
+        Adopting a class under a reference already adopted for another class
+        (the function defining a local class ran again and defined it anew)
+        replaces that class: payloads naming the reference decode into the new
+        class, and instances of the replaced class can no longer be encoded.
+        A module-level class found by the same name is not encoded either
+        while the reference is adopted for another class. Meant to be called
+        at decoration time, for a bounded number of classes; the codec keeps
+        a reference to the class adopted under each name, and none to the
+        classes it replaced.
+
+        Returns:
+            ``True`` if ``cls`` is adopted, ``False`` if it needs no adoption
+            (it is found by its name and no other class is adopted under that
+            name, or it is registered with :meth:`register`, which takes
+            precedence).
+
+        Raises:
+            ConfigurationError: ``cls`` is not a dataclass, pydantic model or
+                enum class.
+        """
+        kind = _class_kind(cls) if isinstance(cls, type) else None
+        if kind is None:
+            raise ConfigurationError(
+                f"adopt() needs a dataclass, pydantic model or enum class, not {cls!r:.100}"
+            )
+        registered = {reg.cls for reg in self._by_name.values()}
+        if cls in registered:
+            return False
+        ref = f"{cls.__module__}:{cls.__qualname__}"
+        previous = self._adopted.get(ref)
+        if previous is cls:
+            return True
+        if previous is None and _find_class_or_none(cls.__module__, cls.__qualname__) is cls:
+            return False
+        # Forget every other class known under this reference: its encoder (so its next instance
+        # goes through _discover, which refuses it) and what decoding found for the reference.
+        for other in [t for t in self._encoders if t is not cls and t not in registered]:
+            if f"{other.__module__}:{other.__qualname__}" == ref:
+                del self._encoders[other]
+        if previous is not None:
+            self._replaced.add(previous)
+        self._replaced.discard(cls)
+        for cache in (self._classes, self._dataclasses, self._models):
+            for key in [key for key in cache if key[0] == ref]:
+                del cache[key]
+        self._adopted[ref] = cls
+        self._classes[(ref, kind)] = cls
+        return True
 
     def register(
         self,
@@ -672,26 +762,51 @@ class JsonCodec:
 
     def _discover(self, t: type, v: object) -> Callable[[Any], Any]:
         """Find (and remember) how to encode instances of a type not seen before."""
+        ref = self._adopted_ref(t) if self._adopted else None
         if isinstance(v, enum.Enum):
-            enc = self._enum_encoder(t, isinstance(v, enum.Flag))
+            enc = self._enum_encoder(t, isinstance(v, enum.Flag), ref)
         elif dataclasses.is_dataclass(t):
-            enc = self._dataclass_encoder(t)
+            enc = self._dataclass_encoder(t, ref)
         elif _is_pydantic_model_class(t):
-            enc = self._pydantic_encoder(t)
+            enc = self._pydantic_encoder(t, ref)
         else:
             raise _fail_unsupported(v)
         self._encoders[t] = enc
         return enc
 
+    def _adopted_ref(self, t: type) -> str | None:
+        """The reference ``t`` is adopted under, ``None`` if it is not adopted; raises for a class
+        whose reference is adopted for another class."""
+        ref = f"{t.__module__}:{t.__qualname__}"
+        adopted = self._adopted.get(ref)
+        if adopted is t:
+            return ref
+        if adopted is None:
+            return None
+        kind = _class_kind(t) or "class"
+        if t in self._replaced:
+            raise _EncodeFailure(
+                f"{kind} {_type_name(t)} was adopted for a return annotation, then replaced by another "
+                f"class of the same name {ref!r} (the code defining it ran again); only the newest "
+                "class of that name can be stored"
+            )
+        raise _EncodeFailure(
+            f"{kind} {_type_name(t)} cannot be stored under its name {ref!r}: this JsonCodec adopted "
+            "another class of that name (named in the return annotation of a cached function); "
+            "give one of the two classes another name"
+        )
+
     @staticmethod
-    def _enum_encoder(t: type, is_flag: bool) -> Callable[[Any], Any]:
-        ref = _class_ref(t, "enum")
+    def _enum_encoder(t: type, is_flag: bool, ref: str | None = None) -> Callable[[Any], Any]:
+        if ref is None:
+            ref = _class_ref(t, "enum")
         if is_flag:  # combinations of flags have no single name: store the value
             return lambda member: {_K_ENUM: [ref, member._value_]}
         return lambda member: {_K_ENUM: [ref, member._name_]}
 
-    def _dataclass_encoder(self, t: type) -> Callable[[Any], Any]:
-        ref = _class_ref(t, "dataclass")
+    def _dataclass_encoder(self, t: type, ref: str | None = None) -> Callable[[Any], Any]:
+        if ref is None:
+            ref = _class_ref(t, "dataclass")
         fingerprint = _dataclass_fingerprint(t)
         names = tuple(f.name for f in dataclasses.fields(t))
         walk = self._walk
@@ -711,8 +826,9 @@ class JsonCodec:
 
         return encode_dataclass
 
-    def _pydantic_encoder(self, t: type) -> Callable[[Any], Any]:
-        ref = _class_ref(t, "pydantic model")
+    def _pydantic_encoder(self, t: type, ref: str | None = None) -> Callable[[Any], Any]:
+        if ref is None:
+            ref = _class_ref(t, "pydantic model")
         fingerprint = _model_fingerprint(t)
         walk = self._walk
 
