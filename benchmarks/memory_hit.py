@@ -1,5 +1,6 @@
 """In-process hits: tagcache ``get`` over ``MemoryBackend`` with 3 tags per
-entry, beside an ``async-lru`` cached coroutine, measured in the same run.
+entry, a ``@cache.cached`` function's hit (key built from the argument
+included), and an ``async-lru`` cached coroutine, measured in the same run.
 
     python benchmarks/memory_hit.py
 """
@@ -24,6 +25,20 @@ async def tagcache_us(cache: Cache, keys: list[str], indices: list[int]) -> floa
     start = time.perf_counter()
     for i in indices:
         await get(keys[i])
+    return (time.perf_counter() - start) / len(indices) * 1e6
+
+
+async def decorated_us(load: Callable[[int], Awaitable[object]], indices: list[int]) -> float:
+    start = time.perf_counter()
+    for i in indices:
+        await load(i)
+    return (time.perf_counter() - start) / len(indices) * 1e6
+
+
+def key_us(key_for: Callable[[int], str], indices: list[int]) -> float:
+    start = time.perf_counter()
+    for i in indices:
+        key_for(i)
     return (time.perf_counter() - start) / len(indices) * 1e6
 
 
@@ -59,14 +74,24 @@ async def main() -> None:
     for i in range(args.keys):
         await lru_load(i)
 
+    @cache.cached(ttl=3600, tags=["user:{i}", "users"])
+    async def user(i: int) -> dict[str, object]:
+        return values[i]
+
+    for i in range(args.keys):
+        await user(i)
+
     indices = zipf_indices(args.keys, args.ops)
-    tc, lru = [], []
+    cache.reset_stats()
+    tc, dec, lru, kb = [], [], [], []
     for _ in range(args.rounds):
         tc.append(await tagcache_us(cache, keys, indices))
+        dec.append(await decorated_us(user, indices))
         lru.append(await alru_us(lru_load, indices))
+        kb.append(key_us(user.key_for, indices))
     stats = await cache.stats()
     assert stats.misses == 0, "every read must be a hit"
-    t, a = median(tc), median(lru)
+    t, d, a, k = median(tc), median(dec), median(lru), median(kb)
     print(
         f"in-process hits: {args.keys} keys, Zipf(1.1), 3 tags per entry, {args.ops} gets x {args.rounds} rounds"
     )
@@ -75,11 +100,20 @@ async def main() -> None:
             ["cache", "µs per hit"],
             [
                 ("tagcache MemoryBackend get (3 tags validated, a private copy decoded)", f"{t:.2f}"),
+                (
+                    "tagcache @cache.cached hit (int argument: key and tags from the call memo, 2 tags)",
+                    f"{d:.2f}",
+                ),
                 ("async-lru alru_cache hit (no tags, one shared object)", f"{a:.2f}"),
+                (
+                    "building a key without the call memo (key_for: a call whose arguments are not remembered)",
+                    f"{k:.2f}",
+                ),
             ],
         )
     )
-    print(f"tagcache / async-lru time per hit: {t / a:.2f}")
+    print(f"tagcache get / async-lru time per hit: {t / a:.2f}")
+    print(f"decorated hit / tagcache get: {d / t:.2f}")
 
 
 if __name__ == "__main__":

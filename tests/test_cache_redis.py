@@ -67,7 +67,7 @@ async def test_round_trips_on_the_wire(redis_url: str) -> None:
             return {"id": user_id}
 
         await get_user(0)  # warm-up
-        assert await turns(get_user(1)) == 3  # read, snapshot + lease, fill
+        assert await turns(get_user(1)) == 2  # a miss: fetch (it snapshots and leases), fill
         assert await turns(get_user(1)) == 1  # a decorated hit is one round trip
         # Concurrent reads in one tick share round trips: far fewer turns than reads.
         proxy.reset()

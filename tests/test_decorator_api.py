@@ -383,3 +383,42 @@ async def test_get_or_set_still_takes_functions_and_lambdas(cache: Cache) -> Non
 
     assert await cache.get_or_set("a", load) == 1
     assert await cache.get_or_set("b", lambda: later(2)) == 2
+
+
+async def test_remembered_keys_keep_equal_values_of_other_types_apart() -> None:
+    """Calls with int/str arguments reuse their key and tags; 1, True and 1.0 hash
+    alike but must keep their own keys and entries."""
+    cache = memory_cache()
+    seen: list[object] = []
+
+    @cache.cached(ttl=60, tags=["v:{x}"])
+    async def echo(x: object) -> str:
+        seen.append(x)
+        return f"{type(x).__name__}:{x}"
+
+    for _ in range(2):
+        assert await echo(1) == "int:1"
+        assert await echo(True) == "bool:True"
+        assert await echo(1.0) == "float:1.0"
+        assert await echo("1") == "str:1"
+    assert seen == [1, True, 1.0, "1"]
+    assert len({echo.key_for(1), echo.key_for(True), echo.key_for(1.0), echo.key_for("1")}) == 4
+    # The remembered key and tags are the ones the full path builds.
+    await cache.invalidate_tags(["v:1"])
+    assert await echo(1) == "int:1"
+    assert seen[-1] == 1 and len(seen) == 5
+
+
+async def test_the_call_memo_is_bounded() -> None:
+    import tagcache.decorator as decorator
+
+    cache = memory_cache()
+
+    @cache.cached(ttl=60)
+    async def f(x: int) -> int:
+        return x
+
+    for i in range(decorator._MEMO_SIZE + 10):
+        assert await f(i) == i
+    assert len(f._memo) == decorator._MEMO_SIZE  # type: ignore[arg-type]  # an OrderedDict here
+    assert (0,) not in f._memo and (decorator._MEMO_SIZE + 9,) in f._memo  # type: ignore[operator]  # first in, first out

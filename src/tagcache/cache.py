@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,11 +16,22 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 from urllib.parse import parse_qsl, urlsplit
 
-from tagcache.backends.base import Backend, BackendInfo, HealthReporting, NowaitReads
+from tagcache.backends.base import (
+    Backend,
+    BackendInfo,
+    EntryInfo,
+    FillWatch,
+    HealthReporting,
+    Lookup,
+    NowaitReads,
+    SupportsInfo,
+    SupportsKeys,
+    SupportsPeek,
+)
 from tagcache.codec import Codec, JsonCodec
-from tagcache.decorator import DEFAULT, is_decoratable, make_decorator
+from tagcache.decorator import DEFAULT, check_source_options, is_decoratable, make_decorator
 from tagcache.envelope import ENVELOPE_BYTE, META, strip
-from tagcache.exceptions import BackendError, ConfigurationError, TagCacheError
+from tagcache.exceptions import BackendError, ConfigurationError, TagCacheError, UnsupportedOperationError
 from tagcache.readthrough import DISABLED, LoadPolicy, LoadRequest, ReadThrough
 from tagcache.stats import CacheStats, Counters, note_write
 from tagcache.tags import MAX_KEY_LENGTH, check_key, check_tags, ttl_seconds
@@ -73,8 +85,182 @@ class EntryView:
 
 
 #: get_or_set's policies, by fail_open.
-_OPEN_POLICY: Final = LoadPolicy(read_first=False, fail_open=True)
-_CLOSED_POLICY: Final = LoadPolicy(read_first=False, fail_open=False)
+_OPEN_POLICY: Final = LoadPolicy(fail_open=True)
+_CLOSED_POLICY: Final = LoadPolicy(fail_open=False)
+#: The operations every backend implements (see tagcache.backends.base.Backend).
+_CORE: Final = ("get", "fetch", "lease", "set", "fill", "release", "delete", "invalidate", "clear", "aclose")
+
+
+def check_backend(backend: object) -> Backend:
+    """Return ``backend`` if it has the core :class:`~tagcache.backends.Backend` operations,
+    else raise :class:`~tagcache.ConfigurationError` naming the missing ones."""
+    missing = [name for name in _CORE if not callable(getattr(backend, name, None))]
+    if missing:
+        raise ConfigurationError(
+            f"{type(backend).__name__} is not a tagcache Backend: it lacks {', '.join(missing)}; "
+            "pass a MemoryBackend, a RedisBackend, a cache URL or an implementation of "
+            "tagcache.backends.Backend"
+        )
+    return backend  # type: ignore[return-value]  # checked structurally just above
+
+
+def backend_from_url(url: str) -> Backend:
+    """Build the backend a cache URL names (see :meth:`Cache.from_url`)."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"cache URL must be a str, got {type(url).__name__}")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        from tagcache.backends.memory import MemoryBackend
+
+        params = dict(parse_qsl(urlsplit(url).query))
+        sizes: dict[str, int] = {}
+        for name in ("max_entries", "max_bytes"):
+            if name in params:
+                try:
+                    sizes[name] = int(params.pop(name))
+                except ValueError:
+                    raise ConfigurationError(f"{name} in {url!r} must be an integer") from None
+        if params:
+            raise ConfigurationError(
+                f"unknown memory:// parameter(s) {sorted(params)}; known: max_entries, max_bytes"
+            )
+        return MemoryBackend(
+            max_entries=sizes.get("max_entries", 10_000), max_bytes=sizes.get("max_bytes", 64 * 2**20)
+        )
+    if scheme in ("redis", "rediss", "unix"):
+        try:
+            from tagcache.backends.redis import RedisBackend
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"{url.split('://')[0]}:// needs redis-py: pip install 'tagcache[redis]'"
+            ) from exc
+        return RedisBackend.from_url(url)
+    raise ConfigurationError(
+        f"unknown cache URL scheme {scheme!r} in {url!r}; use memory://, redis://, rediss:// or unix://"
+    )
+
+
+class _Unconfigured:
+    """The backend of a cache created without one: every operation explains how to
+    configure the cache. Raises :class:`~tagcache.ConfigurationError`, which is not a
+    :class:`~tagcache.BackendError`, so fail-open never hides it."""
+
+    def __init__(self, namespace: str) -> None:
+        self._ns = namespace
+
+    def _error(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"the cache of namespace {self._ns!r} has no backend yet: call cache.configure(url) "
+            "(for example cache.configure('redis://localhost:6379/0'), or a Backend) at start-up, "
+            "typically in your app's lifespan, before the first call; in tests, use "
+            "tagcache.testing.isolated(cache)"
+        )
+
+    async def get(self, ns: str, key: str) -> bytes | None:
+        raise self._error()
+
+    async def fetch(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
+        raise self._error()
+
+    async def lease(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
+        raise self._error()
+
+    async def set(self, ns: str, key: str, payload: bytes, ttl: float | None, tags: Sequence[str]) -> None:
+        raise self._error()
+
+    async def fill(
+        self,
+        ns: str,
+        key: str,
+        payload: bytes,
+        ttl: float | None,
+        tags: Sequence[str],
+        tokens: Sequence[str],
+        lease: str,
+        epoch: str | None = None,
+    ) -> bool:
+        raise self._error()
+
+    async def release(self, ns: str, key: str, lease: str) -> None:
+        raise self._error()
+
+    async def delete(self, ns: str, key: str) -> bool:
+        raise self._error()
+
+    async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
+        raise self._error()
+
+    async def clear(self, ns: str) -> int:
+        raise self._error()
+
+    def watch(self, ns: str, key: str) -> FillWatch:
+        raise self._error()
+
+    async def peek(self, ns: str, key: str) -> EntryInfo | None:
+        raise self._error()
+
+    async def keys(self, ns: str, pattern: str, limit: int | None) -> list[str]:
+        raise self._error()
+
+    async def info(self) -> BackendInfo:
+        raise self._error()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _Binding:
+    """What :meth:`Cache.using` swaps: a backend with its engine and counters."""
+
+    __slots__ = ("backend", "closed", "counters", "engine", "owns")
+
+    def __init__(
+        self, backend: Backend, owns: bool, engine: ReadThrough, counters: Counters, closed: bool
+    ) -> None:
+        self.backend = backend
+        self.owns = owns
+        self.engine = engine
+        self.counters = counters
+        self.closed = closed
+
+
+class BackendSwap:
+    """The context manager :meth:`Cache.using` returns; usable with ``with`` and ``async with``.
+
+    Entering points the cache at the other backend (with counters of its own);
+    leaving restores the previous backend, engine and counters. ``async with``
+    also waits for the block's background work and closes the other backend if
+    the cache owns it; plain ``with`` cannot await, so it only restores.
+    """
+
+    def __init__(self, cache: Cache, backend: Backend, owns: bool) -> None:
+        self._cache = cache
+        self._backend = backend
+        self._owns = owns
+        self._saved: _Binding | None = None
+        self._block: _Binding | None = None
+
+    def __enter__(self) -> Backend:
+        if self._saved is not None:
+            raise RuntimeError("this Cache.using() block is already active; call cache.using() again")
+        self._saved = self._cache._swap_in(self._backend, self._owns)
+        return self._backend
+
+    def __exit__(self, *exc_info: object) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            self._block = self._cache._swap_back(saved)
+
+    async def __aenter__(self) -> Backend:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__()
+        block, self._block = self._block, None
+        if block is not None:
+            await block.engine.aclose()
+            if block.owns:
+                await block.backend.aclose()
 
 
 class Cache:
@@ -83,7 +269,11 @@ class Cache:
     Args:
         backend: where entries live: :class:`~tagcache.backends.MemoryBackend`,
             :class:`~tagcache.backends.RedisBackend` or your own
-            :class:`~tagcache.backends.Backend`.
+            :class:`~tagcache.backends.Backend`. Omitted: the cache is created
+            unconfigured (decorators can be applied at import) and
+            :meth:`configure` sets the backend later, typically in the app's
+            lifespan; until then every operation raises
+            :class:`~tagcache.ConfigurationError`.
         namespace: prefix isolating this cache's keys from every other
             namespace on the same backend (letters, digits, ``_.-``; at most 64).
         default_ttl: TTL used when a write gives none: seconds, a ``timedelta``,
@@ -106,13 +296,18 @@ class Cache:
             instead of returning it uncached. For test suites:
             :func:`tagcache.testing.memory_cache` turns it on, and
             :func:`tagcache.testing.strict` turns it on for every cache in a block.
+        clock: Unix time in seconds (default :func:`time.time`) for the expiry
+            written into entries that need it (stale-while-revalidate, early
+            refresh, ``stale_if_error``) and read back from them. Tests pass a
+            fake clock (:func:`tagcache.testing.memory_cache` gives the same
+            clock to the cache and its memory backend).
 
     Use :meth:`from_url` to build one from a URL.
     """
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend | None = None,
         *,
         namespace: str = "default",
         default_ttl: float | timedelta | None = 300,
@@ -122,21 +317,21 @@ class Cache:
         owns_backend: bool = True,
         fail_open: bool = True,
         strict: bool = False,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
             raise ConfigurationError(
                 f"namespace {namespace!r} is invalid: use 1 to 64 letters, digits, '_', '.' or '-'"
             )
-        missing = [
-            name
-            for name in ("get", "fetch", "set", "fill", "release", "delete", "invalidate", "clear")
-            if not callable(getattr(backend, name, None))
-        ]
-        if missing:
+        if isinstance(backend, str):
             raise ConfigurationError(
-                f"{type(backend).__name__} is not a tagcache Backend: it lacks {', '.join(missing)}; "
-                "pass a MemoryBackend, a RedisBackend or an implementation of tagcache.backends.Backend"
+                f"Cache() takes a Backend, got the URL {backend!r}; use Cache.from_url(url, ...) "
+                "or cache.configure(url)"
             )
+        if backend is not None:
+            check_backend(backend)
+        if clock is not None and not callable(clock):
+            raise ConfigurationError(f"clock must be a function returning seconds, got {clock!r}")
         if type(max_value_size) is not int or max_value_size <= 0:
             raise ConfigurationError(f"max_value_size must be a positive int (bytes), got {max_value_size!r}")
         lease = ttl_seconds(lease_ttl, what="lease_ttl")
@@ -145,20 +340,40 @@ class Cache:
         for name, flag in (("fail_open", fail_open), ("strict", strict)):
             if not isinstance(flag, bool):
                 raise ConfigurationError(f"{name} must be True or False, got {flag!r}")
-        self._backend = backend
         self._ns = namespace
         self._default_ttl = ttl_seconds(default_ttl, what="default_ttl")
         self._codec: Codec = codec if codec is not None else JsonCodec()
-        self._counters = Counters()
-        engine = self._engine = ReadThrough(
+        self._max_value_size = max_value_size
+        self._lease_ttl = lease
+        self._strict = strict
+        self._clock: Callable[[], float] = clock if clock is not None else time.time
+        self._fail_open = fail_open
+        self._policy = _OPEN_POLICY if fail_open else _CLOSED_POLICY
+        self._policies: dict[tuple[bool, float, float | None], LoadPolicy] = {}
+        self._configured = backend is not None
+        target: Backend = backend if backend is not None else _Unconfigured(namespace)
+        self._install(_Binding(target, owns_backend, self._new_engine(target), Counters(), False))
+
+    def _new_engine(self, backend: Backend) -> ReadThrough:
+        return ReadThrough(
             backend,
-            namespace,
+            self._ns,
             self._codec,
-            max_value_size=max_value_size,
-            lease_ttl=lease,
-            strict=strict,
-            counters=self._counters,
+            max_value_size=self._max_value_size,
+            lease_ttl=self._lease_ttl,
+            strict=self._strict,
+            counters=Counters(),
+            clock=self._clock,
         )
+
+    def _install(self, binding: _Binding) -> None:
+        """Point this cache at ``binding``'s backend, engine and counters."""
+        backend = binding.backend
+        engine = self._engine = binding.engine
+        self._backend = backend
+        self._owns_backend = binding.owns
+        self._counters = engine.counters = binding.counters
+        self._closed = binding.closed
         # Bound methods and shared state looked up once: the hit path of get runs
         # them on every call. The engine owns the flights and the failed
         # invalidations waiting to be re-applied; these are the same objects.
@@ -173,10 +388,21 @@ class Cache:
         self._flights = engine.flights
         self._pending = engine.pending
         self._health = backend.health if isinstance(backend, HealthReporting) else None
-        self._owns_backend = owns_backend
-        self._fail_open = fail_open
-        self._policy = _OPEN_POLICY if fail_open else _CLOSED_POLICY
-        self._closed = False
+
+    def _binding(self) -> _Binding:
+        return _Binding(self._backend, self._owns_backend, self._engine, self._counters, self._closed)
+
+    def _swap_in(self, backend: Backend, owns: bool) -> _Binding:
+        """Install ``backend`` with a new engine and counters; return what it replaced."""
+        saved = self._binding()
+        self._install(_Binding(backend, owns, self._new_engine(backend), Counters(), False))
+        return saved
+
+    def _swap_back(self, saved: _Binding) -> _Binding:
+        """Reinstall ``saved``; return the binding it replaced."""
+        block = self._binding()
+        self._install(saved)
+        return block
 
     # ------------------------------------------------------------------ construction
 
@@ -195,45 +421,65 @@ class Cache:
 
         Keyword ``options`` go to :class:`Cache` (``namespace``, ``default_ttl``, ...).
         """
-        if not isinstance(url, str):
-            raise ConfigurationError(f"cache URL must be a str, got {type(url).__name__}")
-        scheme = urlsplit(url).scheme.lower()
-        backend: Backend
-        if scheme == "memory":
-            from tagcache.backends.memory import MemoryBackend
+        return cls(backend_from_url(url), **options)
 
-            params = dict(parse_qsl(urlsplit(url).query))
-            sizes: dict[str, int] = {}
-            for name in ("max_entries", "max_bytes"):
-                if name in params:
-                    try:
-                        sizes[name] = int(params.pop(name))
-                    except ValueError:
-                        raise ConfigurationError(f"{name} in {url!r} must be an integer") from None
-            if params:
-                raise ConfigurationError(
-                    f"unknown memory:// parameter(s) {sorted(params)}; known: max_entries, max_bytes"
-                )
-            backend = MemoryBackend(
-                max_entries=sizes.get("max_entries", 10_000), max_bytes=sizes.get("max_bytes", 64 * 2**20)
-            )
-        elif scheme in ("redis", "rediss", "unix"):
-            try:
-                from tagcache.backends.redis import RedisBackend
-            except ImportError as exc:
-                raise ConfigurationError(
-                    f"{url.split('://')[0]}:// needs redis-py: pip install 'tagcache[redis]'"
-                ) from exc
-            backend = RedisBackend.from_url(url)
-        else:
+    def configure(self, backend: str | Backend, *, owns_backend: bool = True) -> None:
+        """Set the backend of a cache created without one: a cache URL (as for
+        :meth:`from_url`) or a :class:`~tagcache.backends.Backend`.
+
+        Decorators are applied at import, before settings are read; configure
+        the cache at start-up, typically in the app's lifespan::
+
+            cache = Cache(namespace="app", default_ttl=300)      # at import
+
+            @asynccontextmanager
+            async def lifespan(app):
+                cache.configure(settings.cache_url)              # "redis://..." or "memory://"
+                yield
+                await cache.aclose()
+
+        A cache that is configured and open refuses a second backend
+        (:class:`~tagcache.ConfigurationError`); after :meth:`aclose` it may be
+        configured again (an app started twice in one test session). To point
+        a cache at another backend for a block, use :meth:`using`.
+        """
+        if self._configured and not self._closed:
             raise ConfigurationError(
-                f"unknown cache URL scheme {scheme!r} in {url!r}; use memory://, redis://, rediss:// or unix://"
+                f"the cache of namespace {self._ns!r} already has a backend "
+                f"({type(self._backend).__name__}); close it first (await cache.aclose()) to configure "
+                "another, or use cache.using(backend) for a block"
             )
-        return cls(backend, **options)
+        target = backend_from_url(backend) if isinstance(backend, str) else check_backend(backend)
+        self._install(_Binding(target, owns_backend, self._new_engine(target), self._counters, False))
+        self._configured = True
+
+    def using(self, backend: Backend, *, owns_backend: bool = True) -> BackendSwap:
+        """Point this cache, and every function decorated with it, at ``backend`` inside a
+        ``with`` or ``async with`` block, and back at its own backend afterwards::
+
+            async with cache.using(MemoryBackend()):
+                await get_user(1)        # cached in the block's memory backend
+
+        The block has its own counters (``stats()`` inside it counts only the
+        block) and its own in-process loads; the cache's own are restored on
+        exit. Works on an unconfigured cache too. ``async with`` closes
+        ``backend`` on exit unless ``owns_backend=False``; a plain ``with``
+        cannot await, so it leaves ``backend`` open (a memory backend needs no
+        closing). :func:`tagcache.testing.isolated` is this with a fresh
+        memory backend.
+        """
+        return BackendSwap(self, check_backend(backend), owns_backend)
+
+    @property
+    def configured(self) -> bool:
+        """Whether the cache has a backend (given at construction or by :meth:`configure`)."""
+        return self._configured
 
     @property
     def backend(self) -> Backend:
-        """The backend this cache stores into."""
+        """The backend this cache stores into (inside a :meth:`using` block: the block's)."""
+        if not self._configured and isinstance(self._backend, _Unconfigured):
+            raise self._backend._error()
         return self._backend
 
     @property
@@ -318,7 +564,7 @@ class Cache:
                 payload = nowait(self._ns, key)
             else:
                 payload = await self._backend_get(self._ns, key)
-        except TagCacheError:
+        except BackendError:
             counters.errors += 1
             raise
         if payload is not None:
@@ -339,7 +585,13 @@ class Cache:
         """Show the entry under ``key`` — value, TTL left, tags and whether it is
         still valid — without counting a hit or refreshing its recency. For operators."""
         key = self._key(key)
-        info = await self._backend.peek(self._ns, key)
+        backend = self._backend
+        if not isinstance(backend, SupportsPeek):
+            raise UnsupportedOperationError(
+                f"{type(backend).__name__} cannot show an entry: it does not implement peek() "
+                "(tagcache.backends.SupportsPeek)"
+            )
+        info = await backend.peek(self._ns, key)
         if info is None:
             return None
         try:
@@ -364,7 +616,13 @@ class Cache:
             )
         if limit is not None and (type(limit) is not int or limit <= 0):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-        return await self._backend.keys(self._ns, pattern, limit)
+        backend = self._backend
+        if not isinstance(backend, SupportsKeys):
+            raise UnsupportedOperationError(
+                f"{type(backend).__name__} cannot list keys: it does not implement keys() "
+                "(tagcache.backends.SupportsKeys)"
+            )
+        return await backend.keys(self._ns, pattern, limit)
 
     # ------------------------------------------------------------------ writes
 
@@ -400,7 +658,7 @@ class Cache:
                 await self._backend.delete(self._ns, key)
                 return
             await self._backend.set(self._ns, key, payload, seconds, tag_tuple)
-        except TagCacheError:
+        except BackendError:
             self._counters.errors += 1
             raise
         self._counters.sets += 1
@@ -414,7 +672,7 @@ class Cache:
         self._flights.pop(key, None)
         try:
             deleted = await self._backend.delete(self._ns, key)
-        except TagCacheError:
+        except BackendError:
             self._counters.errors += 1
             raise
         self._counters.deletes += 1
@@ -460,6 +718,8 @@ class Cache:
             return
         try:
             await self._backend.invalidate(self._ns, tag_tuple)
+        except ConfigurationError:
+            raise  # not configured: nothing to re-apply later
         except BaseException as exc:
             # Cancelled callers too: the invalidation may not have reached the backend.
             if isinstance(exc, Exception):
@@ -504,6 +764,8 @@ class Cache:
         jitter: float = 0.05,
         lock: bool = True,
         fail_open: bool | None = None,
+        stale_if_error: float | timedelta = 0,
+        timeout: float | timedelta | None = None,
     ) -> Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]: ...
 
     def cached(
@@ -519,6 +781,8 @@ class Cache:
         jitter: float = 0.05,
         lock: bool = True,
         fail_open: bool | None = None,
+        stale_if_error: float | timedelta = 0,
+        timeout: float | timedelta | None = None,
     ) -> CachedFunction[P, T] | Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]:
         """Cache an async function's results::
 
@@ -549,6 +813,12 @@ class Cache:
                 result (logged once per incident, counted in ``stats().errors``);
                 ``False`` raises :class:`~tagcache.BackendError`. Omitted: the
                 cache's ``fail_open`` setting (``True`` unless set otherwise).
+            stale_if_error: seconds an entry is kept past its TTL as a fallback: if the
+                function raises (or runs past ``timeout``) while the expired value is at
+                most that old, the expired value is returned instead (logged once per
+                key shape, counted in ``stats().stale_on_error``). Never an invalidated one.
+            timeout: seconds the function may run; past that it is cancelled and the
+                call raises :class:`TimeoutError` (or returns the stale value, above).
 
         The wrapper has ``invalidate(*args)``, ``refresh(*args)``, ``key_for(*args)``
         and ``__wrapped__``. Background refreshes (stale-while-revalidate, early
@@ -570,6 +840,8 @@ class Cache:
             jitter=jitter,
             lock=lock,
             fail_open=self._fail_open if fail_open is None else fail_open,
+            stale_if_error=stale_if_error,
+            timeout=timeout,
         )
 
     # ------------------------------------------------------------------ get_or_set
@@ -582,6 +854,8 @@ class Cache:
         tags: Iterable[str] | None = None,
         *,
         fail_open: bool | None = None,
+        stale_if_error: float | timedelta = 0,
+        timeout: float | timedelta | None = None,
     ) -> T:
         """Return the cached value of ``key``, or run ``loader()`` and cache its result.
 
@@ -614,6 +888,15 @@ class Cache:
         instead. Callers sharing the load receive their own decoded copy of
         the value, or, when it could not be encoded, the loader's object itself.
 
+        When the source fails: ``timeout`` (seconds) bounds how long ``loader``
+        may run (past it, it is cancelled and :class:`TimeoutError` raised);
+        with ``stale_if_error=N`` (seconds) an entry is kept ``N`` seconds past
+        its TTL, and if ``loader`` raises or times out while the expired value
+        is at most ``N`` seconds old, that value is returned instead (logged
+        once per key shape, counted in ``stats().stale_on_error``). An
+        invalidated entry is never returned this way. Without it the error
+        propagates.
+
         ``loader`` is the function, not its result: passing a coroutine object
         (``get_or_set(key, load())``) or a value raises :class:`TypeError`
         before the backend is touched (a coroutine object is closed).
@@ -639,7 +922,22 @@ class Cache:
             policy = _CLOSED_POLICY
         else:
             raise ConfigurationError(f"fail_open must be True, False or None, got {fail_open!r}")
+        if stale_if_error or timeout is not None:
+            policy = self._source_policy(policy.fail_open, stale_if_error, timeout)
         return await self._engine.load(LoadRequest(key, loader, seconds, tag_tuple, policy))
+
+    def _source_policy(
+        self, fail_open: bool, stale_if_error: float | timedelta, timeout: float | timedelta | None
+    ) -> LoadPolicy:
+        """get_or_set's policy with ``stale_if_error`` and ``timeout`` (checked; kept per setting)."""
+        window, limit = check_source_options(stale_if_error, timeout)
+        cache_key = (fail_open, window, limit)
+        policy = self._policies.get(cache_key)
+        if policy is None:
+            policy = LoadPolicy(fail_open=fail_open, stale_if_error=window, timeout=limit)
+            if len(self._policies) < 64:
+                self._policies[cache_key] = policy
+        return policy
 
     # ------------------------------------------------------------------ stats & lifecycle
 
@@ -656,8 +954,9 @@ class Cache:
         :class:`~tagcache.backends.base.HealthReporting`) adds it as
         ``health``, read without a round trip.
         """
+        backend = self._backend
         try:
-            info = await self._backend.info()
+            info = await backend.info() if isinstance(backend, SupportsInfo) else BackendInfo()
         except TagCacheError as exc:
             info = BackendInfo(extra={"error": str(exc)})
         health: Mapping[str, object] = {}
@@ -700,4 +999,9 @@ class Cache:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"Cache({type(self._backend).__name__}, namespace={self._ns!r})"
+        what = (
+            type(self._backend).__name__
+            if self._configured or not isinstance(self._backend, _Unconfigured)
+            else "unconfigured"
+        )
+        return f"Cache({what}, namespace={self._ns!r})"

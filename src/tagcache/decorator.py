@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeGuard, TypeVar
 
 from tagcache.exceptions import ConfigurationError
+from tagcache.hints import decorating_namespace, prepare_codec
 from tagcache.keys import KeyBuilder, TagTemplates
-from tagcache.readthrough import LoadPolicy, LoadRequest
+from tagcache.readthrough import NOT_FOUND, LoadPolicy, LoadRequest
 from tagcache.tags import check_tags, ttl_seconds
 
 if TYPE_CHECKING:
@@ -34,6 +36,13 @@ R = TypeVar("R")
 
 #: ``tags=``: templates formatted from the arguments, or a callable of the result and the arguments.
 TagsSpec = Sequence[str] | Callable[..., Iterable[str]] | None
+
+#: Calls whose positional arguments are all ``int`` and ``str`` (the usual ids and
+#: slugs) have their key and tags remembered, up to this many per function (then
+#: the oldest is dropped), for strings up to _MEMO_STR characters. Exact types
+#: only: ``True``, ``1.0`` and ``1`` hash alike but are keyed differently.
+_MEMO_SIZE = 16384
+_MEMO_STR = 256
 
 
 class CachedFunction(Generic[P, R]):
@@ -61,16 +70,14 @@ class CachedFunction(Generic[P, R]):
                 f"@cache.cached needs an async function, got {getattr(func, '__qualname__', func)!r}; "
                 "declare it with 'async def'"
             )
+        # Local classes named in the return annotation become encodable by the codec.
+        prepare_codec(cache.codec, func, localns=decorating_namespace())
         self._cache = cache
         self._func = func
         self._ttl = ttl
         self._policy = policy
         self._kind = kind
         self._keys = KeyBuilder(func, key=key, ignore=ignore, kind=kind)
-        # The engine's entry points, bound once: a call goes straight to them.
-        engine = cache.engine
-        self._load = engine.load
-        self._recompute = engine.recompute
         self._result_tags_fn: Callable[..., Iterable[str]] | None = None
         if callable(tags):
             self._tag_templates = TagTemplates(func, ())
@@ -80,21 +87,53 @@ class CachedFunction(Generic[P, R]):
         templates = self._tag_templates
         # Tags without fields are validated once; templated ones per call.
         self._static_tags = check_tags(templates()) if templates.static else None
+        #: Key and tags of calls with int/str positional arguments (see _MEMO_SIZE);
+        #: ``None`` when tags come from the result.
+        self._memo: OrderedDict[tuple[Any, ...], tuple[str, tuple[str, ...]]] | None = (
+            OrderedDict() if self._result_tags_fn is None else None
+        )
         functools.update_wrapper(self, func)  # __name__, __doc__, __wrapped__, ...
 
     # ------------------------------------------------------------------ calling
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Return the cached result for these arguments, calling the function on a miss."""
-        tags = self._static_tags
+        memo = self._memo
+        entry = None
+        if memo is not None and not kwargs:
+            for arg in args:
+                kind = type(arg)
+                if kind is not int and (kind is not str or len(arg) > _MEMO_STR):  # type: ignore[arg-type]  # a str here
+                    break
+            else:
+                entry = memo.get(args)
+                if entry is None:
+                    entry = self._key_and_tags(args, kwargs)
+                    if len(memo) >= _MEMO_SIZE:
+                        memo.popitem(last=False)  # the oldest: first in, first out
+                    memo[args] = entry
         result_tags = None
-        if tags is not None and self._result_tags_fn is None:
-            key = self._keys(args, kwargs)  # the hot path: no argument mapping needed
+        if entry is not None:
+            key, tags = entry
+        elif self._result_tags_fn is None:
+            key, tags = self._key_and_tags(args, kwargs)
         else:
             key, tags, result_tags = self._prepare(args, kwargs)
-        return await self._load(
+        engine = self._cache.engine
+        value = engine.cached_nowait(key)  # an in-process hit, without a coroutine
+        if value is not NOT_FOUND:
+            return value  # type: ignore[no-any-return]  # decoded payload of an R the function returned
+        return await engine.load(
             LoadRequest(key, self._func, self._ttl, tags, self._policy, result_tags, args, kwargs)
         )
+
+    def _key_and_tags(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        """Key and tags of a call whose tags do not depend on its result."""
+        tags = self._static_tags
+        if tags is not None:
+            return self._keys(args, kwargs), tags  # no argument mapping needed
+        key, arguments = self._keys.key_and_arguments(args, kwargs)
+        return key, check_tags(self._tag_templates(arguments))
 
     def _prepare(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -134,7 +173,7 @@ class CachedFunction(Generic[P, R]):
         """
         key, tags, result_tags = self._prepare(args, kwargs)
         func = self._func
-        ran = await self._recompute(
+        ran = await self._cache.engine.recompute(
             LoadRequest(key, func, self._ttl, tags, self._policy, result_tags, args, kwargs)
         )
         if ran is None:  # another caller is refreshing: compute without storing
@@ -204,6 +243,8 @@ def make_decorator(
     jitter: float,
     lock: bool,
     fail_open: bool,
+    stale_if_error: float | timedelta = 0,
+    timeout: float | timedelta | None = None,
 ) -> Callable[[Any], Any]:
     """Validate ``@cache.cached`` options once and return the decorator."""
     seconds = cache.default_ttl if ttl is DEFAULT else ttl_seconds(ttl)
@@ -212,9 +253,11 @@ def make_decorator(
         raise ConfigurationError(f"beta must be a positive number, got {beta!r}")
     if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or not 0 <= jitter < 1:
         raise ConfigurationError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
-    if (swr or early_refresh) and seconds is None:
+    window, limit = check_source_options(stale_if_error, timeout)
+    if (swr or early_refresh or window) and seconds is None:
         raise ConfigurationError(
-            "stale_while_revalidate and early_refresh need a TTL: entries without expiry never go stale"
+            "stale_while_revalidate, early_refresh and stale_if_error need a TTL: "
+            "entries without expiry never go stale"
         )
     if isinstance(ignore, (str, bytes)):  # the same message as KeyBuilder's, before any other check
         raise ConfigurationError(
@@ -232,6 +275,8 @@ def make_decorator(
         beta=float(beta),
         jitter=float(jitter),
         fail_open=fail_open,
+        stale_if_error=window,
+        timeout=limit,
     )
 
     def decorate(func: Any) -> Any:
@@ -245,6 +290,27 @@ def make_decorator(
         )
 
     return decorate
+
+
+def check_source_options(stale_if_error: object, timeout: object) -> tuple[float, float | None]:
+    """Check ``stale_if_error`` (seconds or ``timedelta``; 0: off) and ``timeout`` (positive
+    seconds or ``timedelta``, or ``None``: no limit); return them in seconds.
+
+    Raises:
+        InvalidTTLError: a value of another type, negative, NaN or infinite.
+        ConfigurationError: ``stale_if_error=None`` or ``timeout=0``.
+    """
+    window = ttl_seconds(stale_if_error, what="stale_if_error")
+    if window is None:
+        raise ConfigurationError(
+            "stale_if_error must be a number of seconds or a timedelta (0: off), got None"
+        )
+    if timeout is None:
+        return window, None
+    limit = ttl_seconds(timeout, what="timeout")
+    if not limit:
+        raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return window, limit
 
 
 def is_decoratable(obj: object) -> TypeGuard[Callable[..., Any]]:

@@ -23,9 +23,10 @@ ENVELOPE_BYTE: Final = ENVELOPE[0]
 META: Final = struct.Struct("<dd")
 
 
-def wrap(payload: bytes, seconds: float, delta: float) -> bytes:
-    """``payload`` in an envelope expiring ``seconds`` from now, computed in ``delta`` seconds."""
-    return ENVELOPE + META.pack(time.time() + seconds, delta) + payload
+def wrap(payload: bytes, seconds: float, delta: float, now: float | None = None) -> bytes:
+    """``payload`` in an envelope expiring ``seconds`` after ``now`` (Unix time; the
+    current time by default), computed in ``delta`` seconds."""
+    return ENVELOPE + META.pack((time.time() if now is None else now) + seconds, delta) + payload
 
 
 def strip(payload: bytes) -> bytes:

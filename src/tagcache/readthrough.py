@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import re
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
@@ -33,14 +34,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
-from tagcache.backends.base import Backend, Lookup, NowaitReads
+from tagcache.backends.base import Backend, Lookup, NowaitReads, SupportsWatch
 from tagcache.codec import Codec, KeyBoundCodec
 from tagcache.envelope import ENVELOPE, META, strip, wrap
-from tagcache.exceptions import SerializationError, TagCacheError, ValueTooLargeError
+from tagcache.exceptions import BackendError, SerializationError, ValueTooLargeError
 from tagcache.stats import Counters, note_not_stored, note_write
 from tagcache.tags import check_tags
 
-__all__ = ["DISABLED", "STRICT", "LoadPolicy", "LoadRequest", "ReadThrough"]
+__all__ = ["DISABLED", "NOT_FOUND", "STRICT", "LoadPolicy", "LoadRequest", "ReadThrough"]
 
 logger: Final = logging.getLogger("tagcache")
 
@@ -74,6 +75,33 @@ _DIGIT_RUN: Final = re.compile(r"[0-9]+")
 
 #: Returned by ReadThrough._hit for a payload that could not be decoded.
 _MISS: Final = object()
+#: Returned by ReadThrough._join when the load it joined was abandoned: read again.
+_RETRY: Final = object()
+
+
+class _Expired:
+    """Returned by ReadThrough._hit for an entry past its expiry and stale window, kept
+    only for ``stale_if_error``: its decoded value, the fallback if loading fails."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _NotFound:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<not found>"
+
+
+#: Returned by :meth:`ReadThrough.cached_nowait` when it has no value to give at once.
+NOT_FOUND: Final = _NotFound()
+#: Polling a key whose lease another caller holds, on a backend without
+#: :class:`~tagcache.backends.base.SupportsWatch`: first and longest pause, seconds.
+_POLL_FIRST: Final = 0.005
+_POLL_MAX: Final = 0.1
 #: A loader's keyword arguments when a request gives none.
 _NO_KWARGS: Final[Mapping[str, Any]] = MappingProxyType({})
 
@@ -101,24 +129,37 @@ class LoadPolicy:
     jitter: float = 0.0
     #: On backend failure, call the loader directly instead of raising.
     fail_open: bool = False
-    #: Try a plain read before the snapshot read: hits are as cheap as ``get``, a
-    #: miss costs one more round trip (read, snapshot and lease, fill).
-    read_first: bool = True
+    #: On a backend whose reads wait for I/O, try a plain read before the snapshot
+    #: read (a miss then costs one more round trip). Off by default: the backend's
+    #: ``fetch`` is a read that snapshots and leases only on a miss. Backends with
+    #: :class:`~tagcache.backends.base.NowaitReads` always read first (it is free).
+    read_first: bool = False
+    #: Seconds after expiry during which an expired value is returned when loading a
+    #: fresh one raises or runs past ``timeout``.
+    stale_if_error: float = 0.0
+    #: Seconds the loader may run; past that it is cancelled and the call fails with
+    #: :class:`TimeoutError` (or returns the stale value, within ``stale_if_error``).
+    timeout: float | None = None
 
     @property
     def envelope(self) -> bool:
         """Whether entries need their expiry and load time stored beside the value."""
-        return self.stale_while_revalidate > 0 or self.early_refresh
+        return self.stale_while_revalidate > 0 or self.early_refresh or self.stale_if_error > 0
+
+    def stale_window(self, seconds: float | None, delta: float) -> float:
+        """Seconds after expiry during which an entry is served as a hit while one caller
+        refreshes it: the stale-while-revalidate window, or (with early refresh) a grace
+        of twice the compute time, at most a tenth of the TTL, in which a refresh that
+        started just before expiry can finish while the current value is still served."""
+        grace = min(2.0 * delta + 0.01, 0.1 * seconds) if self.early_refresh and seconds else 0.0
+        return max(self.stale_while_revalidate, grace)
 
     def physical_ttl(self, seconds: float | None, delta: float) -> float | None:
         """How long the backend keeps an entry whose value took ``delta`` seconds to compute:
-        the TTL, plus the stale window, plus (with early refresh) a grace of twice the
-        compute time (at most a tenth of the TTL) in which a refresh that started just
-        before expiry can finish while the current value is still served."""
+        the TTL plus the longer of :meth:`stale_window` and ``stale_if_error``."""
         if seconds is None:
             return None
-        grace = min(2.0 * delta + 0.01, 0.1 * seconds) if self.early_refresh else 0.0
-        return seconds + max(self.stale_while_revalidate, grace)
+        return seconds + max(self.stale_window(seconds, delta), self.stale_if_error)
 
     def jittered(self, seconds: float | None) -> float | None:
         """``seconds`` less a random fraction (up to ``jitter``) of it."""
@@ -126,9 +167,8 @@ class LoadPolicy:
             return seconds
         return seconds * (1.0 - self.jitter * random.random())
 
-    def due(self, expires_at: float, delta: float) -> bool:
-        """Whether an entry expiring at ``expires_at`` should be refreshed now."""
-        now = time.time()
+    def due(self, expires_at: float, delta: float, now: float) -> bool:
+        """Whether an entry expiring at ``expires_at`` should be refreshed at time ``now``."""
         if now >= expires_at:
             return True  # stale: served within the stale window, refreshed in the background
         if self.early_refresh:
@@ -284,13 +324,18 @@ class ReadThrough:
         lease_ttl: float,
         strict: bool,
         counters: Counters,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._backend = backend
         self._ns = namespace
         self._codec = codec
+        #: Unix time for the expiry written into enveloped entries and read back
+        #: from them (stale-while-revalidate, early refresh, stale-if-error).
+        self._clock = clock
         # Bound methods looked up once: the hit path runs them on every call.
         self._backend_get = backend.get
         self._get_nowait = backend.get_nowait if isinstance(backend, NowaitReads) else None
+        self._can_watch = isinstance(backend, SupportsWatch)
         #: The codec's ``decode``, or ``None`` for a codec binding payloads to their
         #: place (it gets "namespace NUL key" as context): then hit paths call
         #: :meth:`decode_bound` instead.
@@ -325,6 +370,25 @@ class ReadThrough:
         self._replay_failing = False
         # (failure kind, key shape) pairs logged already.
         self._logged_shapes: set[tuple[str, str]] = set()
+        # The event loop the flights and background tasks belong to (see _follow_loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _follow_loop(self) -> None:
+        """Forget the flights and tasks of an earlier event loop when running under a new one.
+
+        A cache may outlive its event loop (a module-level cache under successive
+        ``asyncio.run`` calls, or pytest's per-test loops): futures and tasks of a
+        closed loop can never complete, so waiting on them would fail.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        if self._loop is not None:
+            self.flights.clear()
+            self._background = set()
+            self._refreshing.clear()
+            self._replaying = None
+        self._loop = loop
 
     # ------------------------------------------------------------------ payloads
 
@@ -406,56 +470,69 @@ class ReadThrough:
 
     # ------------------------------------------------------------------ the interface
 
+    def cached_nowait(self, key: str) -> Any:
+        """The value cached under ``key`` when it can be had without waiting: the backend
+        reads without I/O (:class:`~tagcache.backends.base.NowaitReads`) and holds a plain,
+        fresh entry. Otherwise :data:`NOT_FOUND` (nothing is counted then): the caller
+        goes on with :meth:`load`. The fast path of decorated calls on in-process backends.
+        """
+        nowait = self._get_nowait
+        if nowait is None or self.pending or DISABLED.get():
+            return NOT_FOUND
+        try:
+            payload = nowait(self._ns, key)
+            if payload is None or payload[:1] == ENVELOPE or not payload:
+                return NOT_FOUND  # a miss, an entry with an expiry to check, or a corrupt one
+            decode = self.decode_payload
+            value = decode(payload) if decode is not None else self.decode_bound(key, payload)
+        except Exception:
+            return NOT_FOUND  # load() reads it again, and counts, logs or raises what failed
+        self.counters.hits += 1
+        return value
+
     async def load(self, request: LoadRequest[T]) -> T:
         """Return the value cached under ``request.key``, or load, store and return it.
 
         The read-through path of :meth:`tagcache.Cache.get_or_set` and of
-        ``@cached`` functions: a plain read first when the policy says so
-        (hits cost what ``get`` costs); on a miss, the tag tokens are read and
-        the key's lease taken before the loader runs, concurrent callers in the
+        ``@cached`` functions: one ``fetch`` per call (a read that, on a miss,
+        reads the tag tokens and takes the key's lease before the loader runs),
+        so a miss costs two round trips (fetch, fill); concurrent callers in the
         process share one load, callers in other processes wait for the lease
         holder's value, and the value is stored only if no tag was invalidated
         meanwhile. A backend failure raises, or with ``policy.fail_open`` calls
         the loader directly. A value that cannot be stored is returned anyway
-        (counted in ``not_stored``), unless the cache is strict.
+        (counted in ``not_stored``), unless the cache is strict. An expired
+        entry kept for ``policy.stale_if_error`` is returned if loading a fresh
+        value fails.
         """
         key, policy = request.key, request.policy
         counters = self.counters
         if DISABLED.get():
             counters.misses += 1
-            return await request.call()
+            return await self._call(request)
         if self.pending and not await self.replay_pending():
             # A failed invalidation is not re-applied yet: the store may be stale.
             counters.misses += 1
-            return await request.call()
+            return await self._call(request)
         backend, ns = self._backend, self._ns
-        if policy.read_first:
-            # A plain read first: hits take the backend's fastest path (batched
-            # with concurrent reads); only a miss pays for the snapshot below.
+        nowait = self._get_nowait
+        if nowait is not None or policy.read_first:
+            # A plain read first: free on an in-process backend; elsewhere hits take
+            # the backend's fastest path and only a miss pays for the snapshot below.
             try:
-                nowait = self._get_nowait
                 payload = nowait(ns, key) if nowait is not None else await self._backend_get(ns, key)
-            except TagCacheError as exc:
+            except BackendError as exc:
                 self._backend_failed(exc, policy)
-                return await request.call()
+                return await self._call(request)
             if self._incident:
                 self._backend_recovered()
             if payload is not None:
-                # _hit, inline: every decorated hit comes this way.
-                enveloped = payload[:1] == ENVELOPE
-                data = payload[META.size + 1 :] if enveloped else payload
-                try:
-                    decode = self.decode_payload
-                    value = decode(data) if decode is not None else self.decode_bound(key, data)
-                except Exception as exc:
-                    self.corrupt(key, exc)  # and read again below
-                else:
-                    if enveloped:
-                        expires_at, delta = META.unpack_from(payload, 1)
-                        if expires_at and policy.due(expires_at, delta):
-                            self._refresh_soon(request)
-                    counters.hits += 1
-                    return value  # type: ignore[no-any-return]  # decoded payload of a T stored by loader
+                found = self._hit(request, payload)
+                if found is not _MISS:
+                    if type(found) is _Expired:
+                        return await self._load_expired(request, found.value)
+                    return found  # type: ignore[no-any-return]  # decoded payload of a T stored by loader
+        self._follow_loop()
         tags, result_tags = request.tags, request.result_tags
         # When this call must stop waiting for other callers' loads (set at the first wait).
         deadline: float | None = None
@@ -466,16 +543,18 @@ class ReadThrough:
                 if lookup.payload is not None:
                     found = self._hit(request, lookup.payload)
                     if found is not _MISS:
+                        if type(found) is _Expired:
+                            return await self._load_expired(request, found.value)
                         return found  # type: ignore[no-any-return]  # as above
                     if corrupt:  # written again at once: do not loop on it
-                        return await request.call()
+                        return await self._call(request)
                     # Corrupt or foreign payload: drop it and read again (now a miss).
                     corrupt = True
                     await backend.delete(ns, key)
                     continue
-            except TagCacheError as exc:
+            except BackendError as exc:
                 self._backend_failed(exc, policy)
-                return await request.call()
+                return await self._call(request)
             if self._incident:
                 self._backend_recovered()
             counters.misses += 1
@@ -491,20 +570,10 @@ class ReadThrough:
                 now = asyncio.get_running_loop().time()
                 if deadline is None:
                     deadline = now + self._lease_ttl
-                future = flight.future
-                if not future.done() and deadline > now:
-                    await asyncio.wait((future,), timeout=deadline - now)
-                if not future.done():
-                    return await self._stop_waiting(key, request.call)
-                try:
-                    shared = future.result()
-                except _Abandoned as abandoned:
-                    if abandoned.released:
-                        continue
-                    return await request.call()
-                if isinstance(shared, _Shared):
-                    return shared.value  # type: ignore[return-value]  # the leader's value, a T
-                return self.decode(key, strip(shared))  # type: ignore[no-any-return]  # as above
+                joined = await self._join(request, flight, deadline - now, None)
+                if joined is _RETRY:
+                    continue
+                return joined  # type: ignore[no-any-return]  # the leader's value, a T
             if lookup.lease is None and policy.lock:
                 # Another caller (in another process, or one that started before
                 # an invalidation) holds the lease: wait for its value.
@@ -512,16 +581,126 @@ class ReadThrough:
                 if deadline is None:
                     deadline = now + self._lease_ttl
                 elif now >= deadline:
-                    return await self._stop_waiting(key, request.call)
+                    return await self._stop_waiting(key, request)
                 try:
                     own = await self._await_fill(key, tags, deadline - now)
-                except TagCacheError as exc:
+                except BackendError as exc:
                     self._backend_failed(exc, policy)
-                    return await request.call()
+                    return await self._call(request)
                 if own is None:
                     continue
                 lookup = own
             return await self._lead(request, lookup)
+
+    async def _join(
+        self, request: LoadRequest[T], flight: _Flight, timeout: float, stale: tuple[T] | None
+    ) -> Any:
+        """Wait (at most ``timeout`` seconds) for an in-process load of the key and return a
+        private copy of its value; :data:`_RETRY` when its leader was cancelled and released
+        its lease (read the key again). With ``stale``, a failed load returns ``stale[0]``."""
+        key = request.key
+        future = flight.future
+        if not future.done() and timeout > 0:
+            await asyncio.wait((future,), timeout=timeout)
+        if not future.done():
+            return await self._stop_waiting(key, request)
+        try:
+            shared = future.result()
+        except _Abandoned as abandoned:
+            if abandoned.released:
+                return _RETRY
+            return await self._call(request)
+        except Exception as exc:
+            if stale is None:
+                raise
+            return self._serve_stale(key, stale[0], exc)
+        if isinstance(shared, _Shared):
+            return shared.value
+        return self.decode(key, strip(shared))
+
+    async def _load_expired(self, request: LoadRequest[T], stale: T) -> T:
+        """Load a key whose entry expired but is kept for ``stale_if_error``: take its lease
+        (or join the process's load of it) and return ``stale`` if the load fails.
+
+        Without the lease (another caller is refreshing the key) this call loads too,
+        without storing, rather than wait: an expired value is not served without an error.
+        """
+        key, policy = request.key, request.policy
+        self.counters.misses += 1
+        self._follow_loop()
+        try:
+            lookup = await self._backend.lease(self._ns, key, request.tags, self._lease_ttl)
+        except BackendError as exc:
+            self._backend_failed(exc, policy)
+            return await self._load_or_stale(request, stale)
+        if self._incident:
+            self._backend_recovered()
+        flight = self.flights.get(key)
+        if (
+            flight is not None
+            and flight.tags == request.tags
+            and flight.tokens == lookup.tokens
+            and (request.result_tags is None or flight.epoch == lookup.epoch)
+        ):
+            if lookup.lease is not None:
+                self._release_soon(key, lookup.lease)
+            joined = await self._join(request, flight, self._lease_ttl, (stale,))
+            if joined is _RETRY:
+                return await self._load_or_stale(request, stale)
+            return joined  # type: ignore[no-any-return]  # the leader's value, a T
+        return await self._lead(request, lookup, (stale,))
+
+    async def _load_or_stale(self, request: LoadRequest[T], stale: T) -> T:
+        """Call the loader without storing; return ``stale`` if it fails."""
+        try:
+            return await self._call(request)
+        except Exception as exc:
+            return self._serve_stale(request.key, stale, exc)
+
+    def _serve_stale(self, key: str, stale: T, exc: Exception) -> T:
+        """Count and log (once per key shape) an expired value served because loading failed."""
+        counters = self.counters
+        counters.stale_on_error += 1
+        counters.errors += 1
+        self._log_once(
+            "stale",
+            key,
+            "tagcache: serving the expired value of key %r (stale_if_error): loading it failed: %s: %s",
+            key,
+            type(exc).__name__,
+            exc,
+        )
+        return stale
+
+    async def _call(self, request: LoadRequest[T]) -> T:
+        """Run the request's loader, bounded by ``policy.timeout`` when it has one.
+
+        Past the timeout the loader is cancelled and :class:`TimeoutError` raised
+        (counted in ``timeouts`` and ``errors``). The loader runs in the caller's
+        task (on Python 3.11+), so it may use the caller's resources.
+        """
+        timeout = request.policy.timeout
+        if timeout is None:
+            return await request.call()
+        if sys.version_info < (3, 11):
+            try:
+                return await asyncio.wait_for(request.call(), timeout)
+            except asyncio.TimeoutError as exc:
+                raise self._timed_out(request.key, timeout) from exc
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await request.call()
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise  # the loader's own TimeoutError
+            raise self._timed_out(request.key, timeout) from exc
+
+    def _timed_out(self, key: str, timeout: float) -> TimeoutError:
+        counters = self.counters
+        counters.timeouts += 1
+        counters.errors += 1
+        return TimeoutError(f"loading key {key!r} took longer than timeout={timeout:g} s; it was cancelled")
 
     async def recompute(self, request: LoadRequest[T]) -> tuple[T] | None:
         """Run the request's loader and store its value if this caller gets the key's lease.
@@ -537,12 +716,12 @@ class ReadThrough:
             return None
         lease = lookup.lease
         try:
-            started = time.monotonic()
-            value = await request.call()
+            started = self._clock()
+            value = await self._call(request)
         except BaseException:
             self._release_soon(key, lease)
             raise
-        loaded = self._prepare(request, value, time.monotonic() - started)
+        loaded = self._prepare(request, value, max(0.0, self._clock() - started))
         if loaded.problem is not None:
             self._release_soon(key, lease)
             if self._strict_now():
@@ -556,7 +735,8 @@ class ReadThrough:
 
     def _hit(self, request: LoadRequest[Any], payload: bytes) -> Any:
         """Decode a hit, starting a background refresh when it is stale or due for early
-        refresh; :data:`_MISS` when the payload is corrupt (counted and logged)."""
+        refresh; :data:`_MISS` when the payload is corrupt (counted and logged); an
+        :class:`_Expired` when it is past its stale window and kept for ``stale_if_error``."""
         enveloped = payload[:1] == ENVELOPE
         data = payload[META.size + 1 :] if enveloped else payload
         try:
@@ -567,8 +747,17 @@ class ReadThrough:
             return _MISS
         if enveloped:
             expires_at, delta = META.unpack_from(payload, 1)
-            if expires_at and request.policy.due(expires_at, delta):
-                self._refresh_soon(request)
+            if expires_at:
+                policy = request.policy
+                now = self._clock()
+                if (
+                    policy.stale_if_error
+                    and now >= expires_at
+                    and now - expires_at >= policy.stale_window(request.ttl, delta)
+                ):
+                    return _Expired(value)  # kept only as the fallback of a failing load
+                if policy.due(expires_at, delta, now):
+                    self._refresh_soon(request)
         self.counters.hits += 1
         return value
 
@@ -580,7 +769,9 @@ class ReadThrough:
         ``None`` when the caller should read the key again.
         """
         backend, ns = self._backend, self._ns
-        async with backend.watch(ns, key) as watch:
+        if not self._can_watch:
+            return await self._poll_fill(key, tags, timeout)
+        async with backend.watch(ns, key) as watch:  # type: ignore[attr-defined]  # SupportsWatch, checked at construction
             # Read again now that the watch is ready: the fill may have happened already.
             lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
             if lookup.payload is not None:
@@ -590,7 +781,27 @@ class ReadThrough:
             await watch.wait(timeout)
         return None
 
-    async def _stop_waiting(self, key: str, loader: Callable[[], Awaitable[T]]) -> T:
+    async def _poll_fill(self, key: str, tags: tuple[str, ...], timeout: float) -> Lookup | None:
+        """:meth:`_await_fill` for a backend that cannot signal fills (no
+        :class:`~tagcache.backends.base.SupportsWatch`): read the key again after pauses
+        growing from 5 ms to 100 ms, for at most ``timeout`` seconds."""
+        backend, ns = self._backend, self._ns
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        pause = _POLL_FIRST
+        while True:
+            left = end - loop.time()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, _POLL_MAX)
+            lookup = await backend.fetch(ns, key, tags, self._lease_ttl)
+            if lookup.payload is not None:
+                return None
+            if lookup.lease is not None:
+                return lookup
+
+    async def _stop_waiting(self, key: str, request: LoadRequest[T]) -> T:
         """Load without storing: this call waited ``lease_ttl`` for others' loads of ``key``."""
         self.counters.errors += 1
         self._log_once(
@@ -601,29 +812,35 @@ class ReadThrough:
             self._lease_ttl,
             key,
         )
-        return await loader()
+        return await self._call(request)
 
-    async def _lead(self, request: LoadRequest[T], lookup: Lookup) -> T:
-        """Run the loader as the key's in-process flight; store its value under the lease."""
+    async def _lead(self, request: LoadRequest[T], lookup: Lookup, stale: tuple[T] | None = None) -> T:
+        """Run the loader as the key's in-process flight; store its value under the lease.
+        With ``stale``, a loader that raises (or times out) makes this return ``stale[0]``."""
         key, tags = request.key, request.tags
         flight = _Flight(tags, lookup)
         self.flights[key] = flight
         lease = lookup.lease
         try:
-            started = time.monotonic()
+            started = self._clock()
             try:
-                value = await request.call()
+                value = await self._call(request)
             except asyncio.CancelledError:
                 # Wake the waiters only once the lease is released, so one of
                 # them can take it and load in its own task.
                 self._spawn(self._abandon(flight, key, lease))
                 raise
             except BaseException as exc:
-                if lease is not None:
-                    self._release_soon(key, lease)
+                released = self._spawn(self._release(key, lease)) if lease is not None else None
                 flight.future.set_exception(exc)
+                if stale is not None and isinstance(exc, Exception):
+                    if released is not None:
+                        # The next caller should find the lease free and try the source
+                        # itself, not load without storing behind this failed attempt.
+                        await asyncio.shield(released)
+                    return self._serve_stale(key, stale[0], exc)
                 raise
-            loaded = self._prepare(request, value, time.monotonic() - started)
+            loaded = self._prepare(request, value, max(0.0, self._clock() - started))
             problem = loaded.problem
             if problem is not None and self._strict_now():
                 if lease is not None:
@@ -657,7 +874,7 @@ class ReadThrough:
             problem = self.too_large(key, payload)
         seconds = policy.jittered(request.ttl)
         if payload is not None and policy.envelope and seconds is not None:
-            payload = wrap(payload, seconds, delta)
+            payload = wrap(payload, seconds, delta, self._clock())
         extra: tuple[str, ...] = ()
         if result_tags is not None and problem is None:
             try:
@@ -723,7 +940,7 @@ class ReadThrough:
         finally:
             self._refreshing.discard(request.key)
 
-    def _backend_failed(self, exc: TagCacheError, policy: LoadPolicy) -> None:
+    def _backend_failed(self, exc: BackendError, policy: LoadPolicy) -> None:
         """Count a backend failure; re-raise it unless the policy fails open, in which
         case log it once per incident (until the backend answers again)."""
         self.counters.errors += 1
@@ -771,6 +988,7 @@ class ReadThrough:
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[Any]:
         """Run ``coro`` in a background task of its own (the caller's cancellation does
         not reach it); :meth:`aclose` waits for it."""
+        self._follow_loop()
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -820,6 +1038,7 @@ class ReadThrough:
     async def replay_pending(self) -> bool:
         """Re-apply the pending invalidations (one replay at a time, shared by the callers
         that need it); return whether none is left."""
+        self._follow_loop()
         task = self._replaying
         if task is None:
             task = self._replaying = self._spawn(self._replay())
@@ -872,6 +1091,7 @@ class ReadThrough:
         """Stop starting refreshes, re-apply the pending invalidations one last time
         (logging at ERROR the ones that still fail), and wait for the background tasks."""
         self._closed = True
+        self._follow_loop()
         if self.pending:
             await self.replay_pending()
             if self.pending:

@@ -58,7 +58,17 @@ class Counters:
     """Mutable per-cache counters. Plain attributes: incrementing one is a single
     bytecode-level add, cheap enough for the hit path."""
 
-    __slots__ = ("deletes", "errors", "hits", "invalidations", "misses", "not_stored", "sets")
+    __slots__ = (
+        "deletes",
+        "errors",
+        "hits",
+        "invalidations",
+        "misses",
+        "not_stored",
+        "sets",
+        "stale_on_error",
+        "timeouts",
+    )
 
     def __init__(self) -> None:
         self.hits = 0
@@ -68,11 +78,13 @@ class Counters:
         self.invalidations = 0
         self.errors = 0
         self.not_stored = 0
+        self.stale_on_error = 0
+        self.timeouts = 0
 
     def reset(self) -> None:
         """Set every counter back to zero."""
         self.hits = self.misses = self.sets = self.deletes = self.invalidations = self.errors = 0
-        self.not_stored = 0
+        self.not_stored = self.stale_on_error = self.timeouts = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +136,11 @@ class CacheStats:
     #: database's ``DBSIZE``, which also counts tagcache's tag tokens and leases
     #: and any other program's keys in that database).
     server_keys: int | None = None
+    #: Expired values served because the function (or loader) raised or ran past its
+    #: ``timeout`` within its ``stale_if_error`` window; each is also counted in ``errors``.
+    stale_on_error: int = 0
+    #: Loader calls stopped by their ``timeout`` (each is also counted in ``errors``).
+    timeouts: int = 0
     #: ``hits / (hits + misses)``, or ``0.0`` before the first read. Computed from
     #: ``hits`` and ``misses`` when the snapshot is made; not a constructor argument.
     hit_ratio: float = field(init=False)
@@ -167,6 +184,8 @@ class CacheStats:
             not_stored=counters.not_stored,
             pending_invalidations=pending_invalidations,
             health=dict(health) if health else {},
+            stale_on_error=counters.stale_on_error,
+            timeouts=counters.timeouts,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -181,6 +200,8 @@ class CacheStats:
             "errors": self.errors,
             "not_stored": self.not_stored,
             "pending_invalidations": self.pending_invalidations,
+            "stale_on_error": self.stale_on_error,
+            "timeouts": self.timeouts,
             "keys": self.keys,
             "server_keys": self.server_keys,
             "memory_bytes": self.memory_bytes,

@@ -1,9 +1,13 @@
 """Helpers for testing code that uses tagcache.
 
-* :func:`memory_cache` — a fresh, isolated in-memory cache (strict by default).
+* :func:`isolated` — point the app's own cache (and every function decorated
+  with it) at a fresh in-memory backend for a block or a test.
+* :func:`memory_cache` — a fresh, separate in-memory cache (strict by default).
 * :func:`cache_fixture` — the same as a pytest fixture.
 * :func:`caching_disabled` — turn caching off inside a block.
 * :func:`strict` — inside a block, a value that cannot be cached raises.
+* :class:`BackendContract` — the test suite a :class:`~tagcache.backends.Backend`
+  implementation must pass (subclass it in your tests; see :mod:`tagcache.contract`).
 
 In production a value a loader produced is returned even when it cannot be
 stored (it is not encodable, is over ``max_value_size``, or a ``tags=``
@@ -14,7 +18,20 @@ caches, and :func:`strict` makes every cache strict inside a block, for an
 application whose cache is built elsewhere (``Cache.from_url(settings.CACHE_URL)``).
 Backend failures are not affected: tests of fail-open behaviour keep working.
 
-Example::
+Example, for an app whose cache is created at import and configured at start-up::
+
+    # conftest.py
+    import pytest
+    from tagcache.testing import isolated
+
+    from myapp.caching import cache  # cache = Cache(namespace="app", default_ttl=300)
+
+    @pytest.fixture(autouse=True)
+    def fresh_cache():               # a plain fixture: works for sync and async tests
+        with isolated(cache):        # every @cache.cached function uses a fresh memory backend
+            yield cache
+
+Or, with separate caches::
 
     # conftest.py
     import pytest
@@ -37,13 +54,53 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tagcache.backends.memory import MemoryBackend
-from tagcache.cache import Cache
+from tagcache.cache import BackendSwap, Cache
 from tagcache.readthrough import DISABLED, STRICT
 
-__all__ = ["cache_fixture", "caching_disabled", "memory_cache", "strict"]
+if TYPE_CHECKING:
+    from tagcache.contract import BackendContract
+
+__all__ = ["BackendContract", "cache_fixture", "caching_disabled", "isolated", "memory_cache", "strict"]
+
+
+def __getattr__(name: str) -> Any:
+    # The contract imports pytest: loaded only when a test suite asks for it.
+    if name == "BackendContract":
+        from tagcache.contract import BackendContract
+
+        return BackendContract
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def isolated(
+    cache: Cache, *, clock: Callable[[], float] | None = None, **backend_options: Any
+) -> BackendSwap:
+    """Point ``cache`` — and so every function decorated with it — at a fresh
+    :class:`~tagcache.backends.MemoryBackend` inside the block, then back.
+
+    A context manager for ``with`` and ``async with``, usable on a configured
+    cache or one not configured yet (an app whose lifespan configures it).
+    Inside the block the cache starts empty, with its own statistics; on exit
+    its own backend, in-process loads and statistics are restored, untouched.
+    ``clock`` (a function returning seconds) drives the memory backend's
+    expiry (and leases); for stale-while-revalidate and early refresh, also
+    pass the same clock to the :class:`~tagcache.Cache` (``Cache(clock=...)``).
+    ``backend_options`` go to :class:`~tagcache.backends.MemoryBackend`
+    (``max_entries``, ``max_bytes``).
+
+    As a pytest fixture (a plain ``def`` fixture covers async tests too)::
+
+        @pytest.fixture(autouse=True)
+        def fresh_cache():
+            with isolated(cache):
+                yield cache
+    """
+    if clock is not None:
+        backend_options["clock"] = clock
+    return cache.using(MemoryBackend(**backend_options))
 
 
 def memory_cache(
@@ -57,7 +114,9 @@ def memory_cache(
     """Return a new :class:`~tagcache.Cache` over its own :class:`~tagcache.backends.MemoryBackend`.
 
     Nothing is shared with any other cache. ``clock`` (a function returning
-    seconds) lets a test drive expiry without sleeping. ``strict`` (default
+    seconds) lets a test drive time without sleeping: the backend's expiry and
+    leases, and the cache's stale-while-revalidate, early refresh and
+    ``stale_if_error`` windows all read it. ``strict`` (default
     ``True``): a loaded value that cannot be cached raises
     (:class:`~tagcache.SerializationError`, :class:`~tagcache.ValueTooLargeError`,
     or the ``tags=`` callable's error) instead of being returned uncached;
@@ -65,7 +124,7 @@ def memory_cache(
     ``options`` go to :class:`~tagcache.Cache`.
     """
     backend = MemoryBackend(clock=clock) if clock is not None else MemoryBackend()
-    return Cache(backend, namespace=namespace, default_ttl=default_ttl, strict=strict, **options)
+    return Cache(backend, namespace=namespace, default_ttl=default_ttl, strict=strict, clock=clock, **options)
 
 
 @contextmanager
