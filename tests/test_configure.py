@@ -272,3 +272,24 @@ async def test_a_backend_without_watch_polls_for_another_callers_fill() -> None:
     assert await leader == "value"
     assert await follower == "value"  # it waited for the fill instead of loading
     assert loads == ["first"]
+
+
+async def test_isolated_with_a_fake_clock_drives_stale_while_revalidate() -> None:
+    cache, _, _ = make_app_cache()
+    now = [0.0]
+    version = [1]
+
+    @cache.cached(ttl=60, stale_while_revalidate=30, jitter=0)
+    async def item() -> int:
+        return version[0]
+
+    async with isolated(cache, clock=lambda: now[0]):
+        assert await item() == 1
+        version[0] = 2
+        now[0] = 70.0  # expired, inside the stale window: served stale, refreshed in the background
+        assert await item() == 1
+        for _ in range(1000):
+            if (await cache.stats()).sets == 2:
+                break
+            await asyncio.sleep(0)
+        assert await item() == 2

@@ -233,17 +233,20 @@ class BackendSwap:
     the cache owns it; plain ``with`` cannot await, so it only restores.
     """
 
-    def __init__(self, cache: Cache, backend: Backend, owns: bool) -> None:
+    def __init__(
+        self, cache: Cache, backend: Backend, owns: bool, clock: Callable[[], float] | None = None
+    ) -> None:
         self._cache = cache
         self._backend = backend
         self._owns = owns
+        self._clock = clock
         self._saved: _Binding | None = None
         self._block: _Binding | None = None
 
     def __enter__(self) -> Backend:
         if self._saved is not None:
             raise RuntimeError("this Cache.using() block is already active; call cache.using() again")
-        self._saved = self._cache._swap_in(self._backend, self._owns)
+        self._saved = self._cache._swap_in(self._backend, self._owns, self._clock)
         return self._backend
 
     def __exit__(self, *exc_info: object) -> None:
@@ -354,7 +357,7 @@ class Cache:
         target: Backend = backend if backend is not None else _Unconfigured(namespace)
         self._install(_Binding(target, owns_backend, self._new_engine(target), Counters(), False))
 
-    def _new_engine(self, backend: Backend) -> ReadThrough:
+    def _new_engine(self, backend: Backend, clock: Callable[[], float] | None = None) -> ReadThrough:
         return ReadThrough(
             backend,
             self._ns,
@@ -363,7 +366,7 @@ class Cache:
             lease_ttl=self._lease_ttl,
             strict=self._strict,
             counters=Counters(),
-            clock=self._clock,
+            clock=self._clock if clock is None else clock,
         )
 
     def _install(self, binding: _Binding) -> None:
@@ -392,10 +395,10 @@ class Cache:
     def _binding(self) -> _Binding:
         return _Binding(self._backend, self._owns_backend, self._engine, self._counters, self._closed)
 
-    def _swap_in(self, backend: Backend, owns: bool) -> _Binding:
+    def _swap_in(self, backend: Backend, owns: bool, clock: Callable[[], float] | None) -> _Binding:
         """Install ``backend`` with a new engine and counters; return what it replaced."""
         saved = self._binding()
-        self._install(_Binding(backend, owns, self._new_engine(backend), Counters(), False))
+        self._install(_Binding(backend, owns, self._new_engine(backend, clock), Counters(), False))
         return saved
 
     def _swap_back(self, saved: _Binding) -> _Binding:
@@ -453,7 +456,9 @@ class Cache:
         self._install(_Binding(target, owns_backend, self._new_engine(target), self._counters, False))
         self._configured = True
 
-    def using(self, backend: Backend, *, owns_backend: bool = True) -> BackendSwap:
+    def using(
+        self, backend: Backend, *, owns_backend: bool = True, clock: Callable[[], float] | None = None
+    ) -> BackendSwap:
         """Point this cache, and every function decorated with it, at ``backend`` inside a
         ``with`` or ``async with`` block, and back at its own backend afterwards::
 
@@ -465,10 +470,13 @@ class Cache:
         exit. Works on an unconfigured cache too. ``async with`` closes
         ``backend`` on exit unless ``owns_backend=False``; a plain ``with``
         cannot await, so it leaves ``backend`` open (a memory backend needs no
-        closing). :func:`tagcache.testing.isolated` is this with a fresh
+        closing). ``clock`` replaces the cache's clock inside the block (see
+        :class:`Cache`). :func:`tagcache.testing.isolated` is this with a fresh
         memory backend.
         """
-        return BackendSwap(self, check_backend(backend), owns_backend)
+        if clock is not None and not callable(clock):
+            raise ConfigurationError(f"clock must be a function returning seconds, got {clock!r}")
+        return BackendSwap(self, check_backend(backend), owns_backend, clock)
 
     @property
     def configured(self) -> bool:

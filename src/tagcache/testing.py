@@ -85,9 +85,9 @@ def isolated(
     cache or one not configured yet (an app whose lifespan configures it).
     Inside the block the cache starts empty, with its own statistics; on exit
     its own backend, in-process loads and statistics are restored, untouched.
-    ``clock`` (a function returning seconds) drives the memory backend's
-    expiry (and leases); for stale-while-revalidate and early refresh, also
-    pass the same clock to the :class:`~tagcache.Cache` (``Cache(clock=...)``).
+    ``clock`` (a function returning seconds) drives time inside the block:
+    the memory backend's expiry and leases, and the cache's
+    stale-while-revalidate, early refresh and ``stale_if_error``.
     ``backend_options`` go to :class:`~tagcache.backends.MemoryBackend`
     (``max_entries``, ``max_bytes``).
 
@@ -100,7 +100,7 @@ def isolated(
     """
     if clock is not None:
         backend_options["clock"] = clock
-    return cache.using(MemoryBackend(**backend_options))
+    return cache.using(MemoryBackend(**backend_options), clock=clock)
 
 
 def memory_cache(
