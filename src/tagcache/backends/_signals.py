@@ -5,6 +5,10 @@ A backend keeps a ``dict`` of :class:`KeySignal` per watched key and calls
 :meth:`KeySignal.fire` when the key is filled, released, set or deleted (the
 Redis backend when a notification arrives). A signal fired after a watch was
 entered and before its ``wait`` is kept by the generation counter.
+
+Signals survive a change of event loop (a backend used under successive
+``asyncio.run`` calls): a waiter's future belongs to the loop that waits,
+and a future left by an earlier loop is replaced rather than awaited.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ class KeySignal:
         fut = self.future
         if fut is not None:
             self.future = None
-            if not fut.done():
+            # A future of a closed event loop (its waiters are gone with it) cannot
+            # schedule their wake-up: leave it.
+            if not fut.done() and not fut.get_loop().is_closed():
                 fut.set_result(None)
 
 
@@ -96,8 +102,10 @@ class SignalWatch(Generic[K]):
             raise RuntimeError("enter the watch (async with) before waiting")
         if signal.gen == self._seen and timeout > 0:
             fut = signal.future
-            if fut is None:
-                fut = signal.future = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            if fut is None or fut.get_loop() is not loop:
+                # (A future of an earlier event loop is replaced: its waiters are gone.)
+                fut = signal.future = loop.create_future()
             await asyncio.wait((fut,), timeout=timeout)
         if signal.gen != self._seen:
             self._seen = signal.gen

@@ -63,8 +63,13 @@ redis-py's parser directly, skipping the per-command work of
 ``execute_command``. And reads (``get`` and ``fetch``) travel together: a
 read sent while no other read is in flight goes out at once; reads issued
 while one is in flight are queued and sent as one pipeline (all ``get``\\ s of
-one bucket as a single script call) one loop tick after the in-flight one
-completes, so callers woken by that reply can join.
+one bucket as a single script call, all ``fetch``\\ es of one bucket as another,
+``fetch_many.lua``, whose hits cost about what gets cost) one loop tick after
+the in-flight one completes, so callers woken by that reply can join.
+
+Event loops: everything bound to an event loop (connections, queued reads,
+the pub/sub link, background tasks) lives in a per-loop state; a backend
+used under a new loop starts a fresh one (see :class:`RedisBackend`).
 
 Waiting for another caller's fill sends nothing to Redis. A ``fetch`` that
 finds the lease held marks the key as waited for (the ``w:`` key, living as
@@ -83,6 +88,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -136,6 +142,15 @@ _TOKEN_MARGIN_MS: Final = 5000
 _FAST_WRITE_MAX: Final = 16384
 # Idle connections kept beyond this are handed back to the client's pool.
 _KEEP_IDLE: Final = 8
+# Per bucket, the packed token keys of this many tag tuples are kept (see _Bucket.fetch_keys).
+_TAG_KEYS_KEPT: Final = 4096
+# Small numbers packed as arguments (see _count).
+_COUNTS: Final = [b"$%d\r\n%d\r\n" % (len(b"%d" % n), n) for n in range(64)]
+
+
+def _count(n: int) -> bytes:
+    """``n`` packed as a command argument."""
+    return _COUNTS[n] if n < 64 else _bulk(b"%d" % n)
 
 
 def _load_script(name: str, flagged: bool) -> bytes:
@@ -150,7 +165,39 @@ def _load_script(name: str, flagged: bool) -> bytes:
 
 
 # verify first: _load_scripts loads and runs it before the others.
-_SCRIPT_NAMES: Final = ("verify", "read", "fetch", "lease", "set", "fill", "release", "delete", "peek")
+_SCRIPT_NAMES: Final = (
+    "verify",
+    "read",
+    "fetch",
+    "fetch_many",
+    "lease",
+    "set",
+    "fill",
+    "release",
+    "delete",
+    "peek",
+)
+
+# Lease tokens: 16 random hex digits of this process (drawn again in a forked
+# child, so two processes never share them) and 16 of a counter. A token is
+# also the fresh value of the tag tokens its request creates.
+_lease_prefix = os.urandom(8).hex().encode()
+_lease_count = itertools.count(1)
+
+
+def _new_lease() -> bytes:
+    """A lease token (32 hex digits) no other request of any process gets."""
+    return b"%b%016x" % (_lease_prefix, next(_lease_count))
+
+
+def _reseed_leases() -> None:
+    global _lease_prefix, _lease_count
+    _lease_prefix = os.urandom(8).hex().encode()
+    _lease_count = itertools.count(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_leases)
 
 
 def _bulk(arg: bytes) -> bytes:
@@ -318,6 +365,7 @@ class _Bucket:
         "mark",
         "read_one",
         "read_one_args",
+        "tag_keys",
         "token",
         "token_arg",
     )
@@ -338,6 +386,21 @@ class _Bucket:
         # The start of a single get (see _Scripts.read_one), of the backend's script variant.
         self.read_one = scripts.read_one
         self.read_one_args = self.token_arg + _bulk(b"1")
+        # Tags (a tuple) -> the packed token keys of a fetch, then the epoch key.
+        self.tag_keys: dict[tuple[str, ...], bytes] = {}
+
+    def fetch_keys(self, tags: Sequence[str]) -> bytes:
+        """The packed token keys of ``tags``, then the epoch key (the end of a fetch's keys)."""
+        if type(tags) is tuple:
+            packed = self.tag_keys.get(tags)
+            if packed is not None:
+                return packed
+        packed = b"".join([_bulk(self.token + t.encode()) for t in tags]) + self.epoch_arg
+        if type(tags) is tuple:
+            if len(self.tag_keys) >= _TAG_KEYS_KEPT:
+                self.tag_keys.clear()
+            self.tag_keys[tags] = packed
+        return packed
 
 
 def _channel(ns: bytes) -> bytes:
@@ -360,24 +423,125 @@ class _Space:
 
 class _Link:
     """The backend's pub/sub connection, its reader task and its channels
-    (channel -> future done when the subscription is confirmed)."""
+    (channel -> future done when the subscription is confirmed), in the
+    :class:`_LoopState` it belongs to."""
 
-    __slots__ = ("channels", "conn", "reader")
+    __slots__ = ("channels", "conn", "reader", "state")
 
-    def __init__(self, conn: AbstractConnection) -> None:
+    def __init__(self, conn: AbstractConnection, state: _LoopState) -> None:
         self.conn = conn
+        self.state = state
         self.reader: asyncio.Task[None] | None = None
         self.channels: dict[bytes, asyncio.Future[None]] = {}
+
+
+class _FetchGroup:
+    """The fetches of one key with the same tags queued for the next batch: one group
+    of a fetch_many.lua call (its hit is read and returned once for them all)."""
+
+    __slots__ = ("args", "futs", "kb", "keys", "nkeys", "tags")
+
+    def __init__(self, keys: bytes, nkeys: int, tags: Sequence[str], kb: bytes) -> None:
+        # The packed keys (entry, lease, mark, tag tokens, epoch) and how many.
+        self.keys = keys
+        self.nkeys = nkeys
+        self.tags = tags
+        self.kb = kb
+        # Per caller: its future and its packed arguments (lease, lease ms, token ms).
+        self.futs: list[asyncio.Future[Any]] = []
+        self.args: list[bytes] = []
+
+
+def _needs_name(pool: Any) -> bool:
+    """Whether ``pool.get_connection`` requires a command name (older redis-py)."""
+    name = inspect.signature(pool.get_connection).parameters.get("command_name")
+    return name is not None and name.default is inspect.Parameter.empty
+
+
+class _LoopState:
+    """Everything a :class:`RedisBackend` holds that belongs to one event loop:
+    the connections (from ``pool``) and the callers waiting for one, the read
+    batching, the pub/sub link and the fill signals, the background tasks.
+
+    A backend keeps one; when it is called under another loop it starts a new
+    one and forgets the old (see :meth:`RedisBackend._move_to`). Code running
+    under a loop keeps using the state it started with, so work of an old
+    loop never touches the new loop's connections.
+    """
+
+    __slots__ = (
+        "busy",
+        "held",
+        "idle",
+        "link",
+        "link_lock",
+        "loop",
+        "needs_name",
+        "pool",
+        "queued_cmds",
+        "queued_fetches",
+        "queued_gets",
+        "retries",
+        "signals",
+        "tasks",
+        "waiters",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, pool: Any) -> None:
+        # None until the backend's first call (then the loop of that call).
+        self.loop = loop
+        self.pool = pool
+        self.needs_name = _needs_name(pool)
+        # Connections held: idle ones, how many in all, callers waiting for one.
+        self.idle: list[AbstractConnection] = []
+        self.held = 0
+        self.waiters: deque[asyncio.Future[AbstractConnection]] = deque()
+        # Read batching: whether a read is in flight (or a batch is scheduled),
+        # and the reads queued meanwhile: gets per bucket (key -> futures),
+        # fetches per bucket (by key, or key and tags when a key is fetched
+        # with other tags too) and other read commands with their futures.
+        self.busy = False
+        self.queued_gets: dict[_Bucket, dict[bytes, list[asyncio.Future[Any]]]] = {}
+        self.queued_fetches: dict[_Bucket, dict[object, _FetchGroup]] = {}
+        self.queued_cmds: list[tuple[bytes, asyncio.Future[Any]]] = []
+        # Background tasks, and retries of lease releases that did not get through.
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.retries: set[asyncio.Task[None]] = set()
+        # Waiting for fills: the signals of watched keys (by mark key), the
+        # pub/sub connection (None until the first watch, or after it broke)
+        # and a lock so one watch at a time opens it or subscribes.
+        self.signals: dict[bytes, KeySignal] = {}
+        self.link: _Link | None = None
+        self.link_lock = asyncio.Lock()
+
+
+def _abort(conn: Any) -> None:
+    """Close ``conn``'s socket without awaiting anything: its event loop may be closed
+    (the socket is then closed when the transport is collected)."""
+    writer = getattr(conn, "_writer", None)
+    if writer is not None:
+        with contextlib.suppress(Exception):  # a closed loop refuses the callback; nothing to do
+            writer.transport.abort()
+
+
+def _abort_pool(pool: Any) -> None:
+    """:func:`_abort` every connection of ``pool`` (a pool of a loop no longer in use)."""
+    for name in ("_available_connections", "_in_use_connections"):
+        for conn in list(getattr(pool, name, ())):
+            _abort(conn)
 
 
 class _RedisFillWatch(SignalWatch[bytes]):
     """A :class:`~tagcache.backends.base.FillWatch` on one key of a :class:`RedisBackend`."""
 
-    __slots__ = ("_backend", "_channel", "_key")
+    __slots__ = ("_backend", "_channel", "_key", "_state")
 
-    def __init__(self, backend: RedisBackend, key: str, mark: bytes, channel: bytes) -> None:
-        super().__init__(backend._signals, mark)
+    def __init__(
+        self, backend: RedisBackend, state: _LoopState, key: str, mark: bytes, channel: bytes
+    ) -> None:
+        super().__init__(state.signals, mark)
         self._backend = backend
+        self._state = state
         self._key = key
         self._channel = channel
 
@@ -391,7 +555,7 @@ class _RedisFillWatch(SignalWatch[bytes]):
         """
         self._join()
         try:
-            await self._backend._subscribe(self._channel, self._key)
+            await self._backend._subscribe(self._state, self._channel, self._key)
         except BaseException:
             self._leave()
             raise
@@ -436,6 +600,18 @@ class RedisBackend:
     cancelled, or failed, before it read the reply is released by the backend
     in the background (after the request, on the same queue of reads), so a
     cancelled request never leaves a key locked until its lease expires.
+
+    Event loops: a backend may be used by one event loop at a time, and by
+    several one after the other (successive ``asyncio.run`` calls, a test
+    runner's loop per test), so it can be created once, at module level. A
+    new loop gets new connections: the first call under it (one identity
+    check per call) drops what belonged to the previous loop — its
+    connections are aborted without awaiting that loop, which may be closed;
+    its background tasks (lease releases still retrying among them) are
+    cancelled — and takes connections from a fresh pool of the client's pool
+    class and options (the client's own pool serves the first loop only).
+    Using one backend from two loops running at the same time, in two
+    threads, is not supported.
     """
 
     def __init__(
@@ -468,42 +644,27 @@ class RedisBackend:
                 f"got {type(client).__name__}"
             )
         self._client = client
-        self._pool: Any = pool
+        # The client's pool, used under the backend's first event loop.
+        self._home_pool: Any = pool
         self._socket_timeout = float(socket_timeout)
         self._connect_timeout = float(connect_timeout)
         self._breaker = breaker if breaker is not None else CircuitBreaker(name=_describe(pool))
         self._buckets = buckets
         self._owns = owns_client
         self._spaces: dict[str, _Space] = {}
-        # Connections held: idle ones, how many in all, callers waiting for one.
+        # Most connections held at once (per event loop).
         self._max = max_connections
-        self._idle: list[AbstractConnection] = []
-        self._held = 0
-        self._waiters: deque[asyncio.Future[AbstractConnection]] = deque()
-        params = inspect.signature(pool.get_connection).parameters
-        name = params.get("command_name")
-        self._get_needs_name = name is not None and name.default is inspect.Parameter.empty
         self._scripts_loaded = False
-        # Read batching: whether a read is in flight (or a batch is scheduled),
-        # and the reads queued meanwhile: gets per bucket (key -> futures) and
-        # other read commands with their futures.
-        self._busy = False
-        self._queued_gets: dict[_Bucket, dict[bytes, list[asyncio.Future[Any]]]] = {}
-        self._queued_cmds: list[tuple[bytes, asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # What belongs to the event loop in use (see _state): connections, read
+        # batching, pub/sub, background tasks.
+        self._st = _LoopState(None, pool)
+        # Whether the client's pool was left behind with an event loop no longer used.
+        self._home_left = False
         # Times a connection failed (each may hide a restart; see _recheck).
         self._rechecks = 0
-        # Background retries of lease releases that did not get through.
-        self._retries: set[asyncio.Task[None]] = set()
         self._closed = False
         # lease_ttl -> the packed lease and token lifetimes of fetch calls.
         self._fetch_tails: dict[float, bytes] = {}
-        # Waiting for fills: the signals of watched keys (by mark key), the
-        # pub/sub connection (None until the first watch, or after it broke)
-        # and a lock so one watch at a time opens it or subscribes.
-        self._signals: dict[bytes, KeySignal] = {}
-        self._link: _Link | None = None
-        self._link_lock = asyncio.Lock()
 
     @classmethod
     def from_url(
@@ -574,6 +735,16 @@ class RedisBackend:
         )
 
     @property
+    def _idle(self) -> list[AbstractConnection]:
+        """The idle connections held under the current event loop (for tests)."""
+        return self._st.idle
+
+    @property
+    def _held(self) -> int:
+        """How many connections are held under the current event loop (for tests)."""
+        return self._st.held
+
+    @property
     def breaker(self) -> CircuitBreaker:
         """The circuit breaker guarding this backend's server."""
         return self._breaker
@@ -623,31 +794,78 @@ class RedisBackend:
             return space.buckets[0]
         return space.buckets[zlib.crc32(key) % self._buckets]
 
+    # -- event loops -----------------------------------------------------------
+
+    def _state(self) -> _LoopState:
+        """The state of the running event loop (a fresh one when the loop changed)."""
+        st = self._st
+        loop = asyncio.get_running_loop()
+        return st if st.loop is loop else self._move_to(loop)
+
+    def _move_to(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
+        """Make ``loop`` the backend's event loop: the first call adopts it; a later
+        change starts a fresh state, with a fresh pool of the client's pool class, and
+        forgets the old one without awaiting anything of the old loop (which may be
+        closed): its tasks are cancelled, its connections' sockets aborted."""
+        old = self._st
+        if old.loop is None:
+            old.loop = loop
+            return old
+        st = self._st = _LoopState(loop, self._fresh_pool())
+        # New connections: check the server again before the first command.
+        self._scripts_loaded = False
+        for task in (*old.tasks, *old.retries, *([old.link.reader] if old.link and old.link.reader else [])):
+            with contextlib.suppress(RuntimeError):  # its loop is closed: it will never run again
+                task.cancel()
+        for conn in old.idle:
+            _abort(conn)
+        if old.link is not None:
+            _abort(old.link.conn)
+        if old.pool is self._home_pool:
+            self._home_left = True
+            if self._owns:
+                _abort_pool(old.pool)
+        else:
+            _abort_pool(old.pool)
+        old.idle, old.link = [], None
+        return st
+
+    def _fresh_pool(self) -> Any:
+        """A new, empty pool like the client's (same class, connection class, options)."""
+        home = self._home_pool
+        options = dict(home.connection_kwargs)
+        size = getattr(home, "max_connections", self._max)
+        if isinstance(home, aioredis.BlockingConnectionPool):
+            options["timeout"] = home.timeout
+        try:
+            return type(home)(connection_class=home.connection_class, max_connections=size, **options)
+        except TypeError:  # a pool class of other parameters (Sentinel, ...): a plain pool
+            options.pop("timeout", None)
+            return aioredis.ConnectionPool(
+                connection_class=home.connection_class, max_connections=size, **options
+            )
+
     # -- connections -----------------------------------------------------------
 
-    async def _acquire(self) -> AbstractConnection:
-        if self._idle:
-            return self._idle.pop()
+    async def _acquire(self, st: _LoopState) -> AbstractConnection:
+        if st.idle:
+            return st.idle.pop()
         if self._closed:
             raise RedisConnectionError("the backend is closed")
-        if self._held < self._max:
-            self._held += 1
+        if st.held < self._max:
+            st.held += 1
             try:
                 # The pool may open (and handshake) a connection here with the
                 # client's own timeouts, possibly none: bound it by ours.
-                got = (
-                    self._pool.get_connection("EVALSHA")
-                    if self._get_needs_name
-                    else self._pool.get_connection()
-                )
+                got = st.pool.get_connection("EVALSHA") if st.needs_name else st.pool.get_connection()
                 conn: AbstractConnection = await asyncio.wait_for(
                     got, self._connect_timeout + self._socket_timeout
                 )
             except BaseException as exc:
-                self._held -= 1
+                st.held -= 1
                 # The client's pool is smaller than max_connections: wait for
                 # one of ours, unless we hold none.
-                if not (_too_many_connections(exc) and self._held > 0):
+                if not (_too_many_connections(exc) and st.held > 0):
                     raise
             else:
                 # Every reply and reconnect on a connection the backend holds
@@ -655,38 +873,40 @@ class RedisBackend:
                 _set_timeouts(conn, self._socket_timeout, self._connect_timeout)
                 return conn
         waiter: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        st.waiters.append(waiter)
         try:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._release(waiter.result())
+                self._release(st, waiter.result())
             raise
 
-    def _release(self, conn: AbstractConnection) -> None:
-        waiters = self._waiters
+    def _release(self, st: _LoopState, conn: AbstractConnection) -> None:
+        waiters = st.waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        if len(self._idle) < _KEEP_IDLE and not self._closed:
-            self._idle.append(conn)
+        if len(st.idle) < _KEEP_IDLE and not self._closed:
+            st.idle.append(conn)
         else:
-            self._held -= 1
-            self._spawn(self._give_back(conn))
+            st.held -= 1
+            self._spawn(st, self._give_back(st, conn))
 
-    async def _give_back(self, conn: AbstractConnection) -> None:
-        options = self._pool.connection_kwargs
+    async def _give_back(self, st: _LoopState, conn: AbstractConnection) -> None:
+        pool = st.pool
+        options = pool.connection_kwargs
         _set_timeouts(conn, options.get("socket_timeout"), options.get("socket_connect_timeout"))
-        result = self._pool.release(conn)
+        result = pool.release(conn)
         if inspect.isawaitable(result):
             await result
 
-    def _spawn(self, coro: Any) -> None:
+    @staticmethod
+    def _spawn(st: _LoopState, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        st.tasks.add(task)
+        task.add_done_callback(st.tasks.discard)
 
     # The script variant in use: flagged until a server rejects the shebang, then
     # plain for good; whether a server has run the flagged variant yet; whether a
@@ -868,13 +1088,17 @@ class RedisBackend:
                 # Callers waiting for another caller's fill would wait up to their
                 # lease_ttl for a signal that cannot come now: wake them to re-check
                 # (and fail open at once).
-                for signal in list(self._signals.values()):
+                for signal in list(self._st.signals.values()):
                     signal.fire()
 
     async def _exchange(self, cmds: list[bytes], retry: bool) -> list[Any]:
         """The body of :meth:`_roundtrip`, without the breaker."""
+        st = self._st
+        if st.loop is not asyncio.get_running_loop():
+            # Work of an earlier loop that runs again after the backend moved on.
+            raise RedisError("the backend is in use by another event loop")
         while True:
-            conn = self._idle.pop() if self._idle else await self._acquire()
+            conn = st.idle.pop() if st.idle else await self._acquire(st)
             try:
                 if not self._scripts_loaded:
                     await self._load_scripts(conn)
@@ -888,7 +1112,7 @@ class RedisBackend:
                         replies[i] = reply
             except RedisConnectionError:
                 await conn.disconnect(nowait=True)
-                self._release(conn)
+                self._release(st, conn)
                 if retry and not self._closed:
                     retry = False
                     self._recheck()  # the server may have restarted
@@ -896,29 +1120,29 @@ class RedisBackend:
                 raise
             except BaseException:
                 await conn.disconnect(nowait=True)
-                self._release(conn)
+                self._release(st, conn)
                 raise
-            self._release(conn)
+            self._release(st, conn)
             return replies
 
-    async def _roundtrip_one(self, cmd: bytes) -> Any:
+    async def _roundtrip_one(self, st: _LoopState, cmd: bytes) -> Any:
         """:meth:`_roundtrip` for one command, streamlined for the common case (the
         scripts are loaded and a connection is idle); anything else takes the general path."""
-        if not self._idle or not self._scripts_loaded or not self._breaker.closed:
+        if not st.idle or not self._scripts_loaded or not self._breaker.closed:
             return (await self._roundtrip([cmd]))[0]
-        conn = self._idle.pop()
+        conn = st.idle.pop()
         try:
             if not _write_small(conn, cmd):
                 await conn.send_packed_command(cmd, conn.health_check_interval != 0)
             reply = await conn.read_response(disable_decoding=True)
         except ResponseError as exc:  # read whole: the connection is fine
-            self._release(conn)
+            self._release(st, conn)
             if isinstance(exc, NoScriptError):
                 return (await self._roundtrip([cmd]))[0]
             return exc
         except RedisConnectionError:
             await conn.disconnect(nowait=True)
-            self._release(conn)
+            self._release(st, conn)
             if self._closed:
                 raise
             # Perhaps an idle connection the server closed; perhaps a restart.
@@ -926,11 +1150,11 @@ class RedisBackend:
             return (await self._roundtrip([cmd], retry=False))[0]
         except BaseException as exc:
             await conn.disconnect(nowait=True)
-            self._release(conn)
+            self._release(st, conn)
             if isinstance(exc, _TRANSPORT):
                 self._transport_failed(exc)
             raise
-        self._release(conn)
+        self._release(st, conn)
         if self._breaker.failing:
             self._breaker.success()
         return reply
@@ -941,6 +1165,7 @@ class RedisBackend:
 
         The boundary of every public method that is not a read (see :func:`_translate`).
         """
+        self._state()  # a new event loop: move to it first
         try:
             replies = await self._roundtrip(cmds)
             for reply in replies[tolerate:]:
@@ -960,61 +1185,71 @@ class RedisBackend:
         """
         if not self._breaker.closed and self._breaker.refuses():
             raise self._breaker.error()
+        st = self._st
+        loop = asyncio.get_running_loop()
+        if st.loop is not loop:
+            st = self._move_to(loop)
         try:
-            if self._busy:
-                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                self._queued_cmds.append((cmd, fut))
+            if st.busy:
+                fut: asyncio.Future[Any] = loop.create_future()
+                st.queued_cmds.append((cmd, fut))
                 reply = await fut
             else:
-                self._busy = True
+                st.busy = True
                 failed = None
                 try:
-                    reply = await self._roundtrip_one(cmd)
+                    reply = await self._roundtrip_one(st, cmd)
                 except _ERRORS as exc:
                     failed = exc
                     raise
                 finally:
-                    self._done_direct(failed)
+                    self._done_direct(st, failed)
             if isinstance(reply, ResponseError):
                 raise reply
         except _ERRORS as exc:
             raise _translate(op, key, exc) from exc
         return reply
 
-    def _done_direct(self, failed: BaseException | None = None) -> None:
+    def _done_direct(self, st: _LoopState, failed: BaseException | None = None) -> None:
         """After a read sent at once: send what queued meanwhile, or fail it with
         the read's transport error (the server did not answer the read in front
         of it; sending more would make each wait as long again)."""
         if failed is not None and isinstance(failed, _TRANSPORT):
-            self._fail_queued(failed)
-        if self._queued_gets or self._queued_cmds:
-            self._spawn(self._run_batches())
+            self._fail_queued(st, failed)
+        if st.queued_gets or st.queued_fetches or st.queued_cmds:
+            self._spawn(st, self._run_batches(st))
         else:
-            self._busy = False
+            st.busy = False
 
-    async def _run_batches(self) -> None:
+    async def _run_batches(self, st: _LoopState) -> None:
         """Send the queued reads, one batch per round trip, until no more are queued."""
         try:
-            while self._queued_gets or self._queued_cmds:
-                gets, self._queued_gets = self._queued_gets, {}
-                cmds, self._queued_cmds = self._queued_cmds, []
-                await self._send_batch(gets, cmds)
+            while st.queued_gets or st.queued_fetches or st.queued_cmds:
+                gets, st.queued_gets = st.queued_gets, {}
+                fetches, st.queued_fetches = st.queued_fetches, {}
+                cmds, st.queued_cmds = st.queued_cmds, []
+                await self._send_batch(st, gets, fetches, cmds)
                 # One tick, so callers woken by the replies can queue again.
                 await asyncio.sleep(0)
         finally:
-            self._busy = False
-            if self._queued_gets or self._queued_cmds:
+            st.busy = False
+            if st.queued_gets or st.queued_fetches or st.queued_cmds:
                 if self._closed:
-                    self._fail_queued()
+                    self._fail_queued(st)
                 else:
-                    self._busy = True
-                    self._spawn(self._run_batches())
+                    st.busy = True
+                    self._spawn(st, self._run_batches(st))
 
     async def _send_batch(
         self,
+        st: _LoopState,
         gets: dict[_Bucket, dict[bytes, list[asyncio.Future[Any]]]],
+        fetches: dict[_Bucket, dict[object, _FetchGroup]],
         cmds: list[tuple[bytes, asyncio.Future[Any]]],
     ) -> None:
+        """Send one batch: a read.lua call per bucket of ``gets``, a fetch_many.lua call
+        per bucket of ``fetches`` (fetch.lua for a lone fetch), then ``cmds``; in one
+        round trip, and hand each caller its reply."""
         packed: list[bytes] = []
         scripts = self._scripts
         heads = scripts.read_heads
@@ -1022,6 +1257,24 @@ class RedisBackend:
             n = len(by_key)
             head = heads[n] if n < len(heads) else _evalsha_head(scripts.shas["read"], n + 4, n)
             packed.append(b"".join([head, *[_bulk(bucket.entry + k) for k in by_key], bucket.token_arg]))
+        fetch_many = scripts.shas["fetch_many"]
+        for bucket, groups in fetches.items():
+            nkeys = 1 + sum([g.nkeys for g in groups.values()])
+            nargv = 1 + sum([2 + 3 * len(g.futs) for g in groups.values()])
+            packed.append(
+                b"".join(
+                    [
+                        _evalsha_head(fetch_many, 3 + nkeys + nargv, nkeys),
+                        bucket.generation_arg,
+                        *[g.keys for g in groups.values()],
+                        bucket.token_arg,
+                        *[
+                            b"%b%b%b" % (_count(g.nkeys - 4), _count(len(g.futs)), b"".join(g.args))
+                            for g in groups.values()
+                        ],
+                    ]
+                )
+            )
         packed.extend(cmd for cmd, _ in cmds)
         try:
             replies = await self._roundtrip(packed)
@@ -1029,10 +1282,13 @@ class RedisBackend:
             for by_key in gets.values():
                 for kb, futs in by_key.items():
                     self._fail(futs, "get", kb, exc)
+            for groups in fetches.values():
+                for g in groups.values():
+                    self._fail(g.futs, "fetch", g.kb, exc)
             for _, fut in cmds:
                 self._fail([fut], "read", None, exc)
             if isinstance(exc, _TRANSPORT):
-                self._fail_queued(exc)  # queued behind a batch the server did not answer
+                self._fail_queued(st, exc)  # queued behind a batch the server did not answer
             if isinstance(exc, Exception):
                 return
             raise
@@ -1046,7 +1302,23 @@ class RedisBackend:
                 for fut in futs:
                     if not fut.done():
                         fut.set_result(result)
-        for (_, fut), reply in zip(cmds, replies[len(gets) :], strict=True):
+        at = len(gets)
+        for groups, reply in zip(fetches.values(), replies[at:], strict=False):
+            if isinstance(reply, ResponseError):
+                for g in groups.values():
+                    self._fail(g.futs, "fetch", g.kb, reply)
+                continue
+            for g, value in zip(groups.values(), reply, strict=True):
+                if type(value) is bytes:  # a hit: one Lookup (immutable) for the group's callers
+                    hit = Lookup(value)
+                    for fut in g.futs:
+                        if not fut.done():
+                            fut.set_result(hit)
+                    continue
+                for fut, miss in zip(g.futs, value, strict=True):
+                    if not fut.done():
+                        fut.set_result(miss)
+        for (_, fut), reply in zip(cmds, replies[at + len(fetches) :], strict=True):
             if not fut.done():
                 fut.set_result(reply)
 
@@ -1058,20 +1330,24 @@ class RedisBackend:
                 # A BackendError (the breaker is open) is passed on as it is.
                 fut.set_exception(_translate(op, text, exc))
 
-    def _fail_queued(self, exc: BaseException | None = None) -> None:
+    def _fail_queued(self, st: _LoopState, exc: BaseException | None = None) -> None:
         """Fail every queued read with ``exc`` (by default: the backend is closed)."""
         closed = exc if exc is not None else RedisConnectionError("the backend is closed")
         if exc is not None and isinstance(exc, _TRANSPORT):
             # Each queued read is a call the server failed, like the one in front of it.
-            queued = sum(len(f) for by_key in self._queued_gets.values() for f in by_key.values())
-            if queued + len(self._queued_cmds):
-                self._transport_failed(exc, queued + len(self._queued_cmds))
-        for by_key in self._queued_gets.values():
+            queued = sum(len(f) for by_key in st.queued_gets.values() for f in by_key.values())
+            queued += sum(len(g.futs) for groups in st.queued_fetches.values() for g in groups.values())
+            if queued + len(st.queued_cmds):
+                self._transport_failed(exc, queued + len(st.queued_cmds))
+        for by_key in st.queued_gets.values():
             for kb, futs in by_key.items():
                 self._fail(futs, "get", kb, closed)
-        for _, fut in self._queued_cmds:
+        for groups in st.queued_fetches.values():
+            for g in groups.values():
+                self._fail(g.futs, "fetch", g.kb, closed)
+        for _, fut in st.queued_cmds:
             self._fail([fut], "read", None, closed)
-        self._queued_gets, self._queued_cmds = {}, []
+        st.queued_gets, st.queued_fetches, st.queued_cmds = {}, {}, []
 
     # -- Backend -----------------------------------------------------------------
 
@@ -1086,11 +1362,15 @@ class RedisBackend:
         bucket = self._bucket(ns, kb)
         if not self._breaker.closed and self._breaker.refuses():
             raise self._breaker.error()  # open: fail now rather than queue behind a probe
-        if self._busy:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            by_key = self._queued_gets.get(bucket)
+        st = self._st
+        loop = asyncio.get_running_loop()
+        if st.loop is not loop:
+            st = self._move_to(loop)
+        if st.busy:
+            fut: asyncio.Future[Any] = loop.create_future()
+            by_key = st.queued_gets.get(bucket)
             if by_key is None:
-                self._queued_gets[bucket] = {kb: [fut]}
+                st.queued_gets[bucket] = {kb: [fut]}
             else:
                 futs = by_key.get(kb)
                 if futs is None:
@@ -1099,11 +1379,11 @@ class RedisBackend:
                     futs.append(fut)
             result: bytes | None = await fut
             return result
-        self._busy = True
+        st.busy = True
         try:
             ek = bucket.entry + kb
             reply = await self._roundtrip_one(
-                b"%b$%d\r\n%b\r\n%b" % (bucket.read_one, len(ek), ek, bucket.read_one_args)
+                st, b"%b$%d\r\n%b\r\n%b" % (bucket.read_one, len(ek), ek, bucket.read_one_args)
             )
             if type(reply) is bytes or reply is None:
                 return reply
@@ -1113,25 +1393,88 @@ class RedisBackend:
         except _ERRORS as exc:  # the boundary (see _translate)
             raise _translate("get", key, exc) from exc
         finally:
-            self._done_direct()
+            self._done_direct(st)
 
     async def fetch(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
         """Read ``key``; on a miss, snapshot the tokens of ``tags`` and try to take the fill lease.
 
-        One round trip (batched like :meth:`get`). Missing tokens are
-        created to live ``lease_ttl`` plus a few seconds; existing ones are
-        extended to that if shorter. Foreign data under the entry key is a
-        miss. When another caller holds the lease, the key is marked as
-        waited for in the same step (see :meth:`watch`).
+        One round trip, batched like :meth:`get`: fetches issued while a read
+        is in flight travel in the next batch, those of one bucket as a single
+        script call (``fetch_many.lua``), so a hit costs about what a
+        :meth:`get` costs. Missing tokens are created to live ``lease_ttl``
+        plus a few seconds; existing ones are extended to that if shorter.
+        Foreign data under the entry key is a miss. When another caller holds
+        the lease, the key is marked as waited for in the same step (see
+        :meth:`watch`); of several fetches of a missing key in one batch the
+        first gets the lease, like sequential ones.
         """
-        # 16 random bytes: the lease token; their first half, a fresh token for missing tags.
-        lease = os.urandom(16).hex().encode()
-        cmd = self._miss_cmd("fetch", ns, key, tags, lease_ttl, lease)
+        breaker = self._breaker
+        if not breaker.closed and breaker.refuses():
+            raise breaker.error()  # open: nothing is sent, no lease can be granted
+        kb = key.encode()
+        bucket = self._bucket(ns, kb)
+        st = self._st
+        loop = asyncio.get_running_loop()
+        if st.loop is not loop:
+            st = self._move_to(loop)
+        lease = _new_lease()
         try:
-            reply = await self._read("fetch", key, cmd)
-        except BaseException:
+            if st.busy:
+                fut: asyncio.Future[Any] = loop.create_future()
+                groups = st.queued_fetches.get(bucket)
+                if groups is None:
+                    groups = st.queued_fetches[bucket] = {}
+                ident: object = kb
+                group = groups.get(kb)
+                if group is not None and group.tags is not tags and group.tags != tags:
+                    ident = (kb, tuple(tags))  # the key fetched with other tags too: a group apart
+                    group = groups.get(ident)
+                if group is None:
+                    # entry, lease and mark keys have prefixes of one length
+                    head = b"$%d\r\n" % (len(bucket.entry) + len(kb))
+                    keys = b"".join(
+                        (
+                            head,
+                            bucket.entry,
+                            kb,
+                            b"\r\n",
+                            head,
+                            bucket.lease,
+                            kb,
+                            b"\r\n",
+                            head,
+                            bucket.mark,
+                            kb,
+                            b"\r\n",
+                            bucket.fetch_keys(tags),
+                        )
+                    )
+                    group = groups[ident] = _FetchGroup(keys, len(tags) + 4, tags, kb)
+                group.futs.append(fut)
+                group.args.append(b"".join((b"$32\r\n", lease, b"\r\n", self._fetch_tail(lease_ttl))))
+                reply = await fut
+            else:
+                st.busy = True
+                failed = None
+                try:
+                    reply = await self._roundtrip_one(
+                        st, self._miss_cmd("fetch", bucket, kb, tags, lease_ttl, lease)
+                    )
+                except _ERRORS as exc:
+                    failed = exc
+                    raise
+                finally:
+                    self._done_direct(st, failed)
+                if isinstance(reply, ResponseError):
+                    raise reply
+        except _ERRORS as exc:  # the boundary (see _translate)
+            self._lost_lease(ns, key, lease)
+            raise _translate("fetch", key, exc) from exc
+        except BaseException:  # cancelled, or a queued fetch failed (translated already)
             self._lost_lease(ns, key, lease)
             raise
+        if type(reply) is Lookup:  # a hit of a batch
+            return reply
         if type(reply) is bytes:
             return Lookup(reply)
         return _miss_lookup(reply, lease)
@@ -1144,8 +1487,9 @@ class RedisBackend:
         Returns ``Lookup(None, tokens, lease_or_None)``; never marks the key
         as waited for.
         """
-        lease = os.urandom(16).hex().encode()
-        cmd = self._miss_cmd("lease", ns, key, tags, lease_ttl, lease)
+        lease = _new_lease()
+        kb = key.encode()
+        cmd = self._miss_cmd("lease", self._bucket(ns, kb), kb, tags, lease_ttl, lease)
         try:
             reply = await self._read("lease", key, cmd)
         except BaseException:
@@ -1153,29 +1497,32 @@ class RedisBackend:
             raise
         return _miss_lookup(reply, lease)
 
-    def _miss_cmd(
-        self,
-        script: str,
-        ns: str,
-        key: str,
-        tags: Sequence[str],
-        lease_ttl: float,
-        lease: bytes,
-    ) -> bytes:
-        """``EVALSHA`` of fetch or lease: entry, lease, mark, generation, token and epoch
-        keys; the token prefix, ``lease``, the lease and token lifetimes and a fresh token."""
-        scripts = self._scripts
-        heads = scripts.fetch_heads if script == "fetch" else scripts.lease_heads
-        kb = key.encode()
-        bucket = self._bucket(ns, kb)
-        ek, lk, wk = bucket.entry + kb, bucket.lease + kb, bucket.mark + kb
+    def _fetch_tail(self, lease_ttl: float) -> bytes:
+        """The packed lease and token lifetimes (ms) of a fetch or lease with ``lease_ttl``."""
         tail = self._fetch_tails.get(lease_ttl)
         if tail is None:
             lease_ms = max(1, round(lease_ttl * 1000))
             tail = _bulk(b"%d" % lease_ms) + _bulk(b"%d" % (lease_ms + _TOKEN_MARGIN_MS))
             if len(self._fetch_tails) < 64:
                 self._fetch_tails[lease_ttl] = tail
-        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b%b%b$32\r\n%b\r\n%b$16\r\n%b\r\n" % (
+        return tail
+
+    def _miss_cmd(
+        self,
+        script: str,
+        bucket: _Bucket,
+        kb: bytes,
+        tags: Sequence[str],
+        lease_ttl: float,
+        lease: bytes,
+    ) -> bytes:
+        """``EVALSHA`` of fetch or lease: entry, lease, mark, generation, token and epoch
+        keys; the token prefix, ``lease``, the lease and token lifetimes and the fresh
+        token of what the call creates (``lease`` again: unique)."""
+        scripts = self._scripts
+        heads = scripts.fetch_heads if script == "fetch" else scripts.lease_heads
+        ek, lk, wk = bucket.entry + kb, bucket.lease + kb, bucket.mark + kb
+        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b%b$32\r\n%b\r\n%b$32\r\n%b\r\n" % (
             heads[len(tags)]
             if len(tags) < len(heads)
             else _evalsha_head(scripts.shas[script], len(tags) + 13, len(tags) + 5),
@@ -1186,12 +1533,11 @@ class RedisBackend:
             len(wk),
             wk,
             bucket.generation_arg,
-            b"".join([_bulk(bucket.token + t.encode()) for t in tags]) if tags else b"",
-            bucket.epoch_arg,
+            bucket.fetch_keys(tags),
             bucket.token_arg,
             lease,
-            tail,
-            lease[:16],
+            self._fetch_tail(lease_ttl),
+            lease,
         )
 
     def _lost_lease(self, ns: str, key: str, lease: bytes) -> None:
@@ -1203,9 +1549,10 @@ class RedisBackend:
 
     def _release_later(self, ns: str, key: str, lease: str, delay: float = _RETRY_FIRST) -> None:
         if not self._closed:
+            st = self._state()
             task = asyncio.get_running_loop().create_task(self._release_retrying(ns, key, lease, delay))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            st.retries.add(task)
+            task.add_done_callback(st.retries.discard)
 
     async def _release_retrying(self, ns: str, key: str, lease: str, delay: float) -> None:
         """Release ``lease`` until the server confirms it, backing off up to the breaker's
@@ -1242,11 +1589,11 @@ class RedisBackend:
         """
         kb = key.encode()
         bucket = self._bucket(ns, kb)
-        return _RedisFillWatch(self, key, bucket.mark + kb, bucket.channel)
+        return _RedisFillWatch(self, self._state(), key, bucket.mark + kb, bucket.channel)
 
-    async def _subscribe(self, channel: bytes, key: str) -> None:
-        """Make sure the pub/sub connection is subscribed to ``channel`` (confirmed)."""
-        link = self._link
+    async def _subscribe(self, st: _LoopState, channel: bytes, key: str) -> None:
+        """Make sure the pub/sub connection of ``st`` is subscribed to ``channel`` (confirmed)."""
+        link = st.link
         if link is not None:
             fut = link.channels.get(channel)
             if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -1254,12 +1601,12 @@ class RedisBackend:
         if not self._breaker.closed:
             raise self._breaker.error()
         try:
-            async with self._link_lock:
+            async with st.link_lock:
                 if self._closed:
                     raise RedisConnectionError("the backend is closed")
-                link = self._link
+                link = st.link
                 if link is None:
-                    link = await self._open_link()
+                    link = await self._open_link(st)
                 fut = link.channels.get(channel)
                 if fut is None:
                     fut = link.channels[channel] = asyncio.get_running_loop().create_future()
@@ -1277,14 +1624,14 @@ class RedisBackend:
         except _ERRORS as exc:  # the boundary of watch (see _translate)
             raise _translate("watch", key, exc) from exc
 
-    async def _open_link(self) -> _Link:
-        """Open the pub/sub connection (outside the pool: it never carries commands) and
-        start its reader."""
-        kwargs = dict(self._pool.connection_kwargs)
+    async def _open_link(self, st: _LoopState) -> _Link:
+        """Open the pub/sub connection of ``st`` (outside the pool: it never carries
+        commands) and start its reader."""
+        kwargs = dict(st.pool.connection_kwargs)
         # Reads on it wait for messages for as long as it takes.
         kwargs["socket_timeout"] = None
         kwargs["health_check_interval"] = 0
-        conn: Any = self._pool.connection_class(**kwargs)
+        conn: Any = st.pool.connection_class(**kwargs)
         try:
             # Connecting includes a handshake read: bound it (the connection's
             # own socket_timeout is off, for waiting on messages).
@@ -1292,14 +1639,14 @@ class RedisBackend:
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
-        link = _Link(conn)
+        link = _Link(conn, st)
         link.reader = asyncio.get_running_loop().create_task(self._read_link(link))
-        self._link = link
+        st.link = link
         return link
 
     async def _read_link(self, link: _Link) -> None:
         """Read the pub/sub connection: confirm subscriptions, wake the watchers of signalled keys."""
-        conn, channels, signals = link.conn, link.channels, self._signals
+        conn, channels, signals = link.conn, link.channels, link.state.signals
         try:
             while True:
                 reply = await conn.read_response(disable_decoding=True, push_request=True)
@@ -1321,16 +1668,17 @@ class RedisBackend:
     def _break_link(self, link: _Link) -> None:
         """Forget ``link``: fail pending subscriptions, wake every watcher (a signal may
         have been lost) and close the connection."""
-        if self._link is link:
-            self._link = None
+        st = link.state
+        if st.link is link:
+            st.link = None
         lost = RedisConnectionError("the pub/sub connection was lost")
         for fut in link.channels.values():
             if not fut.done():
                 fut.set_exception(lost)
                 fut.exception()  # retrieved: no warning when no watch awaits it any more
-        for signal in list(self._signals.values()):
+        for signal in list(st.signals.values()):
             signal.fire()
-        self._spawn(self._close_link(link))
+        self._spawn(st, self._close_link(link))
 
     @staticmethod
     async def _close_link(link: _Link) -> None:
@@ -1629,26 +1977,32 @@ class RedisBackend:
 
         Reads still queued fail with :class:`tagcache.BackendError`. The
         pub/sub connection is closed and its reader stopped; watchers still
-        waiting are woken. Safe to call twice.
+        waiting are woken. Safe to call twice, and under any event loop: the
+        connections of an earlier loop are dropped without it (see
+        :meth:`_move_to`).
         """
         if self._closed:
             return
         self._closed = True
-        for task in list(self._retries):  # their leases expire by themselves
+        st = self._state()
+        for task in list(st.retries):  # their leases expire by themselves
             task.cancel()
-        if not self._busy:
-            self._fail_queued()
-        idle, self._idle = self._idle, []
-        self._held -= len(idle)
+        if not st.busy:
+            self._fail_queued(st)
+        idle, st.idle = st.idle, []
+        st.held -= len(idle)
         for conn in idle:
-            await self._give_back(conn)
-        async with self._link_lock:
-            link = self._link
+            await self._give_back(st, conn)
+        async with st.link_lock:
+            link = st.link
             if link is not None:
                 self._break_link(link)
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._owns:
+        while st.tasks:
+            await asyncio.gather(*st.tasks, return_exceptions=True)
+        if st.pool is not self._home_pool:
+            await st.pool.disconnect()  # a pool of our own, for this loop
+        if self._owns and not self._home_left:
             close = getattr(self._client, "aclose", None) or self._client.close
             await close()
-            await self._pool.disconnect()
+            await self._home_pool.disconnect()
+        # Else the client's pool stayed with an earlier loop; _move_to aborted its connections.

@@ -222,14 +222,14 @@ local function take_lease(lk, lease, lease_ms)
   return 1
 end
 
--- The miss branch of fetch: the current token of each token key from
--- KEYS[first] on (created as fresh when missing; kept alive at least px ms),
--- the bucket's generation at gk (likewise), and an attempt to take the lease
--- at lk with token lease for lease_ms ms.
+-- The miss branch of fetch: the current token of each token key
+-- KEYS[first..last] (created as fresh when missing; kept alive at least px
+-- ms), the bucket's generation at gk (likewise), and an attempt to take the
+-- lease at lk with token lease for lease_ms ms.
 -- Returns {granted (1/0), token1, token2, ..., generation}.
-local function snapshot_and_lease(first, gk, lk, lease, lease_ms, px, fresh)
+local function snapshot_and_lease(first, last, gk, lk, lease, lease_ms, px, fresh)
   local out = {0}
-  for i = first, #KEYS do
+  for i = first, last do
     local cur, created = current_token(KEYS[i], fresh, px)
     if not created then
       -- keep the token alive at least until the lease (and its fill) is over

@@ -18,7 +18,7 @@ end
 if state == 0 then
   redis.call('DEL', KEYS[1])
 end
-local out = snapshot_and_lease(5, KEYS[4], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+local out = snapshot_and_lease(5, #KEYS, KEYS[4], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 if out[1] == 0 then
   local ms = tonumber(ARGV[3])
   local left = redis.call('PTTL', KEYS[2])
