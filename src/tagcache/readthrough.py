@@ -64,6 +64,8 @@ _REPLAY_TIMEOUT: Final = 10.0
 #: Tags of failed invalidations remembered for replay; beyond this many, the
 #: replay becomes one clear of the namespace.
 _MAX_PENDING_TAGS: Final = 10_000
+#: Keys whose latest background refresh is remembered (see ReadThrough._refresh_soon), at most.
+_MAX_REFRESHED: Final = 10_000
 #: Key shapes whose failures to store have been logged, at most.
 _MAX_SHAPES: Final = 256
 
@@ -355,6 +357,8 @@ class ReadThrough:
         self.flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._refreshing: set[str] = set()
+        # Key -> expiry of the entry whose background refresh this process ran last.
+        self._refreshed: dict[str, float] = {}
         self._incident = False
         self._closed = False
         #: Failed invalidations, oldest first, re-applied before the next read.
@@ -757,7 +761,7 @@ class ReadThrough:
                 ):
                     return _Expired(value)  # kept only as the fallback of a failing load
                 if policy.due(expires_at, delta, now):
-                    self._refresh_soon(request)
+                    self._refresh_soon(request, expires_at)
         self.counters.hits += 1
         return value
 
@@ -923,17 +927,26 @@ class ReadThrough:
             note_write()
         return stored
 
-    def _refresh_soon(self, request: LoadRequest[Any]) -> None:
-        """Refresh the key in the background, once per process; the lease makes it once overall."""
+    def _refresh_soon(self, request: LoadRequest[Any], expires_at: float) -> None:
+        """Refresh the key, whose entry read expires at ``expires_at``, in the background,
+        once per process (the lease makes it once overall).
+
+        Not again for an entry this process refreshed already: a read whose reply
+        was on its way while the refresh stored the new value still shows the old one.
+        """
         key = request.key
-        if key in self._refreshing or self._closed:
+        if key in self._refreshing or self._closed or self._refreshed.get(key, -math.inf) >= expires_at:
             return
         self._refreshing.add(key)
-        self._spawn(self._refresh(request))
+        self._spawn(self._refresh(request, expires_at))
 
-    async def _refresh(self, request: LoadRequest[Any]) -> None:
+    async def _refresh(self, request: LoadRequest[Any], expires_at: float) -> None:
         try:
-            await self.recompute(request)
+            if await self.recompute(request) is not None:
+                refreshed = self._refreshed
+                if len(refreshed) >= _MAX_REFRESHED:
+                    refreshed.clear()
+                refreshed[request.key] = expires_at
         except Exception:
             self.counters.errors += 1
             logger.warning("tagcache: background refresh of key %r failed", request.key, exc_info=True)
