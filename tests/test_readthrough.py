@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
 from tagcache import Cache
 from tagcache.envelope import ENVELOPE, META, strip, wrap
-from tagcache.readthrough import LoadPolicy, LoadRequest, ReadThrough
+from tagcache.readthrough import LoadPolicy, LoadRequest, ReadThrough, Uncached
 from tagcache.testing import cache_fixture
 
 cache = cache_fixture()
@@ -101,3 +102,40 @@ async def test_a_request_calls_its_loader_with_its_arguments(cache: Cache) -> No
     request = LoadRequest("k", add, 60.0, (), LoadPolicy(), None, (1,), {"b": 2})
     assert await cache.engine.load(request) == 3
     assert await cache.get("k") == 3
+
+
+async def test_an_uncached_value_is_returned_to_every_caller_and_not_stored(cache: Cache) -> None:
+    gate, started = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+
+    async def load() -> Uncached[str]:
+        calls.append(1)
+        started.set()
+        await gate.wait()
+        return Uncached("too big", "over the row limit")
+
+    request = LoadRequest("k", load, 60.0, ("t",), LoadPolicy())
+    first = asyncio.ensure_future(cache.engine.load(request))
+    second = asyncio.ensure_future(cache.engine.load(request))
+    await started.wait()
+    await asyncio.sleep(0)  # let the second caller join the flight (no sleep of any length)
+    gate.set()
+    results = await asyncio.gather(first, second)
+    assert [type(r) for r in results] == [Uncached, Uncached]
+    assert results[0].value == "too big" and results[0].reason == "over the row limit"
+    assert len(calls) == 1  # the second caller shared the load
+    assert await cache.get("k", "absent") == "absent"
+    stats = await cache.stats()
+    assert (stats.not_stored, stats.errors) == (1, 0)
+    # the lease was released: the next load runs at once and may store
+    calls.clear()
+
+    async def plain() -> str:
+        return "stored"
+
+    assert await cache.engine.load(LoadRequest("k", plain, 60.0, ("t",), LoadPolicy())) == "stored"
+    assert await cache.get("k") == "stored"
+    refreshed = await cache.engine.recompute(LoadRequest("k", load, 60.0, ("t",), LoadPolicy()))
+    assert refreshed is not None and type(refreshed[0]) is Uncached
+    assert await cache.get("k") == "stored"  # nothing stored over it
+    assert (await cache.stats()).not_stored == 2

@@ -41,7 +41,7 @@ from tagcache.exceptions import BackendError, SerializationError, ValueTooLargeE
 from tagcache.stats import Counters, note_not_stored, note_write
 from tagcache.tags import check_tags
 
-__all__ = ["DISABLED", "NOT_FOUND", "STRICT", "LoadPolicy", "LoadRequest", "ReadThrough"]
+__all__ = ["DISABLED", "NOT_FOUND", "STRICT", "LoadPolicy", "LoadRequest", "ReadThrough", "Uncached"]
 
 logger: Final = logging.getLogger("tagcache")
 
@@ -243,6 +243,26 @@ class _Abandoned(Exception):
         self.released = released
 
 
+class Uncached(Generic[T]):
+    """What a loader returns for a value that must not be stored (a query result over
+    a row limit, a value of a type the integration cannot keep exactly).
+
+    :meth:`ReadThrough.load` and :meth:`ReadThrough.recompute` return it as is, to
+    the caller that ran the loader and to the callers sharing its load, store
+    nothing, release the lease, and count it in ``stats().not_stored`` (not in
+    ``errors``: nothing failed); ``reason`` is logged at INFO once per key shape.
+    """
+
+    __slots__ = ("reason", "value")
+
+    def __init__(self, value: T, reason: str) -> None:
+        self.value = value
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Uncached({self.reason!r})"
+
+
 class _Shared:
     """A flight's value handed to its waiters as is: it had no payload to decode a copy from."""
 
@@ -374,6 +394,7 @@ class ReadThrough:
         self._replay_failing = False
         # (failure kind, key shape) pairs logged already.
         self._logged_shapes: set[tuple[str, str]] = set()
+        self._logged_uncached: set[str] = set()
         # The event loop the flights and background tasks belong to (see _follow_loop).
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -471,6 +492,17 @@ class ReadThrough:
             type(exc).__name__,
             exc,
         )
+
+    def _uncached(self, key: str, value: Uncached[Any]) -> None:
+        """Count and log (once per key shape) a loaded value its loader asked not to store."""
+        self.counters.not_stored += 1
+        note_not_stored()
+        shape = _key_shape(key)
+        if len(self._logged_uncached) < _MAX_SHAPES and shape not in self._logged_uncached:
+            self._logged_uncached.add(shape)
+            logger.info(
+                "tagcache: the value loaded for key %r is returned but not cached: %s", key, value.reason
+            )
 
     # ------------------------------------------------------------------ the interface
 
@@ -725,6 +757,10 @@ class ReadThrough:
         except BaseException:
             self._release_soon(key, lease)
             raise
+        if isinstance(value, Uncached):
+            self._release_soon(key, lease)
+            self._uncached(key, value)
+            return (value,)
         loaded = self._prepare(request, value, max(0.0, self._clock() - started))
         if loaded.problem is not None:
             self._release_soon(key, lease)
@@ -844,6 +880,12 @@ class ReadThrough:
                         await asyncio.shield(released)
                     return self._serve_stale(key, stale[0], exc)
                 raise
+            if isinstance(value, Uncached):
+                flight.future.set_result(_Shared(value))
+                if lease is not None:
+                    self._release_soon(key, lease)
+                self._uncached(key, value)
+                return value
             loaded = self._prepare(request, value, max(0.0, self._clock() - started))
             problem = loaded.problem
             if problem is not None and self._strict_now():
