@@ -147,3 +147,61 @@ async def cache(make_backend: Callable[..., Backend]) -> AsyncIterator[Cache]:
     finally:
         await c.clear()
         await c.aclose()
+
+
+# ---------------------------------------------------------------- SQLAlchemy databases
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def sa_database(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A real database for the test session: SQLite on a temporary file, and PostgreSQL
+    when ``TAGCACHE_TEST_POSTGRES_URL`` is set (see ``tests/sa_databases.py``)."""
+    pytest.importorskip("sqlalchemy")
+    from tests.sa_databases import database
+
+    with database(request.param) as db:
+        yield db
+
+
+@pytest.fixture
+async def sa_engine(sa_database: Any) -> AsyncIterator[Any]:
+    """An async engine on ``sa_database`` with the tables of ``tests/sa_models.py`` created empty."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tests.sa_models import Base
+
+    engine = create_async_engine(sa_database.async_url)
+    if sa_database.kind == "sqlite":
+        _sqlite_foreign_keys(engine.sync_engine)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def sa_sync_engine(sa_database: Any, sa_engine: Any) -> Iterator[Any]:
+    """A sync engine on the same database as ``sa_engine`` (tables created by it)."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(sa_database.sync_url)
+    if sa_database.kind == "sqlite":
+        _sqlite_foreign_keys(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _sqlite_foreign_keys(engine: Any) -> None:
+    """Make SQLite enforce foreign keys (and their ON DELETE actions), as PostgreSQL does."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
