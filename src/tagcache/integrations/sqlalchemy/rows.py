@@ -79,11 +79,14 @@ def _statement_columns(stmt: Select[Any]) -> list[_Column]:
     ``merge_frozen_result`` and ``Select.column_descriptions`` use; only it gives the
     "extra entities" a ``Row._mapping`` is keyed by (``row._mapping[User.name]``).
     """
-    from sqlalchemy.orm.context import _MapperEntity, _ORMSelectCompileState
+    from sqlalchemy.orm import context
+    from sqlalchemy.orm.context import _MapperEntity
 
-    ctx = _ORMSelectCompileState._create_entities_collection(  # type: ignore[no-untyped-call]  # unannotated
-        stmt, legacy=False
-    )
+    # ORMSelectCompileState in SQLAlchemy 2.0, _ORMSelectCompileState from 2.1
+    state_class: Any = getattr(context, "_ORMSelectCompileState", None)
+    if state_class is None:
+        state_class = getattr(context, "ORMSelectCompileState")  # noqa: B009  # absent from 2.1's stubs
+    ctx = state_class._create_entities_collection(stmt, legacy=False)
     return [
         _Column(
             ent._label_name,
