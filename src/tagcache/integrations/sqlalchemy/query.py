@@ -364,7 +364,7 @@ class QueryCache:
 
         value = await self._cache.engine.load(LoadRequest(key, load, ttl, all_tags, self._policy()))
         if executed:
-            return executed[0]()  # this caller ran the statement: its own objects
+            return executed[-1]()  # this caller ran the statement: its own objects
         if isinstance(value, Uncached):
             return await execute()  # shared a load whose result could not be stored
         try:
