@@ -172,12 +172,20 @@ def test_tokens_are_random_64_bit_hex() -> None:
         (r"user:\*", ["user:*"], ["user:1"]),
         ("a.b", ["a.b"], ["axb"]),
         ("k[ab", ["k[ab"], ["ka"]),
+        ("k[z-a]", ["ka", "km", "kz"], ["k-", "kA"]),  # a reversed range, as Redis reads it
+        ("k[]", [], ["k", "ka", "k[]"]),
+        ("k[^]", ["ka", "k]"], ["k", "kab"]),
     ],
 )
 def test_glob_to_regex(pattern: str, matches: list[str], rejects: list[str]) -> None:
     regex = glob_to_regex(pattern)
     assert all(regex.match(m) for m in matches)
     assert not any(regex.match(r) for r in rejects)
+
+
+@given(st.text(alphabet="ab-^[]\\*?", max_size=12))
+def test_every_pattern_compiles(pattern: str) -> None:
+    glob_to_regex(pattern)  # never re.error: keys(pattern) must not fail on a user's pattern
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=["Cc", "Cs"]), max_size=30))

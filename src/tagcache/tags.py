@@ -213,19 +213,34 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
             if negate:
                 j += 1
             members: list[str] = []
+            prev: str | None = None  # the previous single character, which may start a range
             while j < n and pattern[j] != "]":
-                if pattern[j] == "\\" and j + 1 < n:
+                ch = pattern[j]
+                if ch == "\\" and j + 1 < n:
                     j += 1
-                    members.append(re.escape(pattern[j]))
-                elif pattern[j] == "-" and members and j + 1 < n and pattern[j + 1] != "]":
-                    members.append("-")
+                    ch = pattern[j]
+                    members.append(re.escape(ch))
+                    prev = ch
+                elif ch == "-" and prev is not None and j + 1 < n and pattern[j + 1] != "]":
+                    j += 1
+                    end = pattern[j]
+                    if end == "\\" and j + 1 < n:
+                        j += 1
+                        end = pattern[j]
+                    low, high = sorted((prev, end))  # Redis accepts [z-a] as [a-z]
+                    members[-1] = re.escape(low) + "-" + re.escape(high)
+                    prev = None
                 else:
-                    members.append(re.escape(pattern[j]))
+                    members.append(re.escape(ch))
+                    prev = ch
                 j += 1
             if j >= n:  # no closing bracket: Redis treats the rest literally
                 out.append(re.escape(pattern[i:]))
                 break
-            out.append("[" + ("^" if negate else "") + "".join(members) + "]")
+            if members:
+                out.append("[" + ("^" if negate else "") + "".join(members) + "]")
+            else:  # "[]" matches nothing, "[^]" any one character, as in Redis
+                out.append("." if negate else "(?!)")
             i = j
         else:
             out.append(re.escape(c))
