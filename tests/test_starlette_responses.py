@@ -134,6 +134,17 @@ async def test_a_marked_fastapi_route_is_stored_once_rendered_and_served_with_ag
     assert b'"name":"p1v1"' in bodies[0]
 
 
+async def test_stats_count_one_miss_then_hits_for_stored_responses(cache: Cache) -> None:
+    responses = ResponseCache(cache, ttl=60)
+    calls: dict[str, int] = {}
+    async with client(fastapi_app(responses, calls)) as http:
+        for _ in range(3):
+            assert (await http.get("/api/v1/projects/1")).status_code == 200
+    stats = await cache.stats()
+    assert calls["project"] == 1
+    assert (stats.misses, stats.hits) == (1, 2)  # the URL's bookkeeping reads are not counted
+
+
 async def test_the_etag_is_deterministic_and_changes_with_the_body(cache: Cache) -> None:
     calls: dict[str, int] = {}
     async with client(fastapi_app(ResponseCache(cache), calls)) as http:

@@ -47,7 +47,7 @@ from starlette.routing import Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tagcache.cache import Cache
-from tagcache.exceptions import BackendError, ConfigurationError, TagCacheError
+from tagcache.exceptions import BackendError, ConfigurationError, SerializationError, TagCacheError
 from tagcache.integrations.starlette.http import etag_matches, make_etag, parse_cache_control
 from tagcache.readthrough import LoadPolicy, LoadRequest, Uncached
 from tagcache.tags import MAX_TAG_LENGTH, check_tags, ttl_seconds
@@ -893,8 +893,19 @@ class ResponseCacheMiddleware:
     # ------------------------------------------------------------------ shapes
 
     async def _read_shape(self, target: _Target) -> _Shape:
-        """The URL's remembered shape, or the default one. Raises BackendError."""
-        value = await self.responses.cache.get(target.shape_key())
+        """The URL's remembered shape, or the default one. Raises BackendError.
+
+        Read from the backend directly, not with ``Cache.get``: this bookkeeping read is
+        not a hit or a miss of the cache's own (``stats()`` counts the response's load)."""
+        cache = self.responses.cache
+        key = target.shape_key()
+        payload = await cache.backend.get(cache.namespace, key)
+        value = None
+        if payload:
+            try:
+                value = cache.engine.decode(key, payload)
+            except SerializationError:
+                value = None  # foreign or damaged: the default shape, rewritten on the next store
         shape = _Shape.load(value) if value is not None else None
         return shape if shape is not None else self._default_shape(target)
 
