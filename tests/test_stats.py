@@ -156,3 +156,31 @@ async def test_missing_tells_a_cached_none_from_a_miss(cache: Cache) -> None:
     assert await cache.get("k", default=MISSING) is MISSING
     await cache.set("k", None)
     assert await cache.get("k", default=MISSING) is None
+
+
+async def test_lock_waits_count_callers_that_waited_for_another_load(cache: Cache) -> None:
+    import asyncio
+
+    release, started = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await release.wait()
+        return "v"
+
+    leader = asyncio.ensure_future(cache.get_or_set("k", slow, tags=["t"]))
+    await started.wait()
+    followers = [asyncio.ensure_future(cache.get_or_set("k", slow, tags=["t"])) for _ in range(3)]
+
+    async def waiting() -> None:  # until the three followers wait for the leader's load
+        while cache.engine.counters.lock_waits < 3:  # noqa: ASYNC110  # a counter has no event to wait on
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(waiting(), TIMEOUT)
+    release.set()
+    assert await asyncio.gather(leader, *followers) == ["v"] * 4
+    stats = await cache.stats()
+    assert stats.lock_waits == 3
+    assert stats.as_dict()["lock_waits"] == 3
+    cache.reset_stats()
+    assert (await cache.stats()).lock_waits == 0

@@ -606,6 +606,7 @@ class ReadThrough:
                 now = asyncio.get_running_loop().time()
                 if deadline is None:
                     deadline = now + self._lease_ttl
+                    counters.lock_waits += 1
                 joined = await self._join(request, flight, deadline - now, None)
                 if joined is _RETRY:
                     continue
@@ -616,6 +617,7 @@ class ReadThrough:
                 now = asyncio.get_running_loop().time()
                 if deadline is None:
                     deadline = now + self._lease_ttl
+                    counters.lock_waits += 1
                 elif now >= deadline:
                     return await self._stop_waiting(key, request)
                 try:

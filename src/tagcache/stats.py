@@ -63,6 +63,7 @@ class Counters:
         "errors",
         "hits",
         "invalidations",
+        "lock_waits",
         "misses",
         "not_stored",
         "sets",
@@ -80,11 +81,12 @@ class Counters:
         self.not_stored = 0
         self.stale_on_error = 0
         self.timeouts = 0
+        self.lock_waits = 0
 
     def reset(self) -> None:
         """Set every counter back to zero."""
         self.hits = self.misses = self.sets = self.deletes = self.invalidations = self.errors = 0
-        self.not_stored = self.stale_on_error = self.timeouts = 0
+        self.not_stored = self.stale_on_error = self.timeouts = self.lock_waits = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,9 @@ class CacheStats:
     stale_on_error: int = 0
     #: Loader calls stopped by their ``timeout`` (each is also counted in ``errors``).
     timeouts: int = 0
+    #: Reads that missed and waited for another caller's load of the same key (a
+    #: load in this process, or one under another process's lease) instead of loading.
+    lock_waits: int = 0
     #: ``hits / (hits + misses)``, or ``0.0`` before the first read. Computed from
     #: ``hits`` and ``misses`` when the snapshot is made; not a constructor argument.
     hit_ratio: float = field(init=False)
@@ -186,6 +191,7 @@ class CacheStats:
             health=dict(health) if health else {},
             stale_on_error=counters.stale_on_error,
             timeouts=counters.timeouts,
+            lock_waits=counters.lock_waits,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -202,6 +208,7 @@ class CacheStats:
             "pending_invalidations": self.pending_invalidations,
             "stale_on_error": self.stale_on_error,
             "timeouts": self.timeouts,
+            "lock_waits": self.lock_waits,
             "keys": self.keys,
             "server_keys": self.server_keys,
             "memory_bytes": self.memory_bytes,

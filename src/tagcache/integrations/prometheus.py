@@ -19,7 +19,8 @@ which Prometheus sees as a counter reset):
   ``tagcache_deletes_total``
 * ``tagcache_invalidations_total`` — tags invalidated
 * ``tagcache_errors_total`` — backend failures, corrupt payloads, values not stored, timeouts
-* ``tagcache_not_stored_total``, ``tagcache_stale_on_error_total``, ``tagcache_timeouts_total``
+* ``tagcache_not_stored_total``, ``tagcache_stale_on_error_total``, ``tagcache_timeouts_total``,
+  ``tagcache_lock_waits_total``
 * ``tagcache_hit_ratio`` (gauge) — hits / (hits + misses) over the same period; for a
   current ratio use ``rate(tagcache_hits_total[5m]) / (rate(tagcache_hits_total[5m])
   + rate(tagcache_misses_total[5m]))``
@@ -69,6 +70,7 @@ _COUNTERS: Final = (
     ("tagcache_not_stored", "not_stored", "Loaded values returned but not stored because storing failed."),
     ("tagcache_stale_on_error", "stale_on_error", "Expired values served because the source failed."),
     ("tagcache_timeouts", "timeouts", "Loader calls stopped by their timeout."),
+    ("tagcache_lock_waits", "lock_waits", "Misses that waited for another caller's load of the key."),
 )
 _BREAKER_STATES: Final = ("closed", "open", "half-open")
 _LABELS: Final = ["namespace"]
