@@ -593,3 +593,20 @@ async def test_a_write_given_to_get_or_execute_runs_uncached_and_is_invalidated(
     assert any("writes; only select() is cached" in r.message for r in caplog.records)
     async with factory() as s:
         assert (await qc.get_or_execute(s, read)).scalar_one() == "via get_or_execute"
+
+
+async def test_execute_parameters_are_part_of_the_key(
+    qc: QueryCache, factory: async_sessionmaker[AsyncSession], seeded: Any
+) -> None:
+    from sqlalchemy import bindparam
+
+    stmt = select(User.name).where(User.id == bindparam("uid"))
+    async with factory() as s:
+        assert (await qc.get_or_execute(s, stmt, {"uid": 1})).scalar_one() == "user1"
+        assert (await qc.get_or_execute(s, stmt, {"uid": 2})).scalar_one() == "user2"
+    async with factory() as s, SQLCounter(seeded.sync_engine) as sql:
+        assert (await qc.get_or_execute(s, stmt, {"uid": 2})).scalar_one() == "user2"
+        assert (
+            await s.execute(stmt, {"uid": 1}, execution_options={"tagcache": True})
+        ).scalar_one() == "user1"
+        assert sql.count == 0

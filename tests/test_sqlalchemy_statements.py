@@ -212,6 +212,19 @@ def test_a_value_from_a_callable_bindparam_is_keyed() -> None:
     assert key(stmt(1)) != key(stmt(2))
 
 
+def test_execute_parameters_take_the_place_of_bound_values_and_are_keyed() -> None:
+    stmt = select(Label).where(Label.id == bindparam("uid"))
+    with pytest.raises(NotCacheable, match="uid"):
+        statement_key(stmt, ENGINE)  # its value comes only with execute()
+    one = statement_key(stmt, ENGINE, params={"uid": 1})
+    assert one == statement_key(stmt, ENGINE, params={"uid": 1})
+    assert one != statement_key(stmt, ENGINE, params={"uid": 2})
+    assert one != statement_key(stmt, ENGINE, params={"uid": "1"})
+    with_value = select(Label).where(Label.id == bindparam("uid", 1))
+    # a parameter given to execute() replaces the statement's own value
+    assert statement_key(with_value, ENGINE, params={"uid": 2}) != statement_key(with_value, ENGINE)
+
+
 def test_keys_differ_for_loader_options() -> None:
     plain = select(Project).where(Project.id == 1)
     keys = [

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import Future as ThreadFuture
-from datetime import date, datetime, time, timedelta
-from decimal import Decimal
+from datetime import timedelta
 from typing import Any, Final, TypeVar
-from uuid import UUID
 
-import orjson
 from sqlalchemy import Table, event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection, Result
@@ -152,51 +148,6 @@ def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> 
         fut.set_exception(exc)
     else:
         fut.set_result(value)
-
-
-def _stable(value: Any) -> Any:
-    """orjson's fallback for explicit execute() parameters: exact and type-tagged."""
-    if isinstance(value, Decimal):
-        return ["$dec", str(value)]
-    if isinstance(value, bytes | bytearray | memoryview):
-        return ["$bytes", bytes(value).hex()]
-    if isinstance(value, set | frozenset):
-        return ["$set", sorted(orjson.dumps(v, default=_stable).decode() for v in value)]
-    if isinstance(value, timedelta):
-        return ["$td", value.days, value.seconds, value.microseconds]
-    raise TypeError(f"a parameter of type {type(value).__name__} has no stable form for a cache key")
-
-
-def _params_part(params: Mapping[str, Any] | None) -> str:
-    """The part of a key for ``params`` given to ``execute()`` beside the statement."""
-    if not params:
-        return ""
-    if not isinstance(params, Mapping):
-        raise NotCacheable("executemany-style parameters (a list of dicts) are not cached")
-    try:
-        raw = orjson.dumps(
-            {str(k): _tagged(v) for k, v in params.items()},
-            default=_stable,
-            option=orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME,
-        )
-    except TypeError as exc:
-        raise NotCacheable(f"statement parameters cannot be keyed: {exc}") from exc
-    return ":" + hashlib.blake2b(raw, digest_size=12).hexdigest()
-
-
-def _tagged(value: Any) -> Any:
-    """Type-tag values orjson would render like others (datetime kinds, UUID, bool vs int)."""
-    if isinstance(value, datetime):
-        return ["$dt", value.isoformat(), str(value.tzinfo)]
-    if isinstance(value, date):
-        return ["$date", value.isoformat()]
-    if isinstance(value, time):
-        return ["$time", value.isoformat(), str(value.tzinfo)]
-    if isinstance(value, UUID):
-        return ["$uuid", str(value)]
-    if isinstance(value, list | tuple):
-        return [type(value).__name__, [_tagged(v) for v in value]]
-    return value
 
 
 class QueryCache:
@@ -335,7 +286,9 @@ class QueryCache:
             get_options = getattr(statement, "get_execution_options", None)
             if get_options is not None:
                 options.update(get_options())
-            key = statement_key(statement, bind, options) + _params_part(params)
+            if params is not None and not isinstance(params, Mapping):
+                raise NotCacheable("executemany-style parameters (a list of dicts) are not cached")
+            key = statement_key(statement, bind, options, params)
             lookup = pk_lookup(statement) if tables is None else None
         except NotCacheable as exc:
             self._log_once(exc.reason)

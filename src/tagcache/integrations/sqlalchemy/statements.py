@@ -650,6 +650,7 @@ def statement_key(
     stmt: Executable,
     bind: Engine | Connection,
     execution_options: Mapping[str, Any] = _NO_OPTIONS,
+    params: Mapping[str, Any] | None = None,
 ) -> str:
     """Return the cache key of the result of running ``stmt`` on ``bind``.
 
@@ -661,11 +662,15 @@ def statement_key(
     every process for the same statement on the same database. The part that
     depends on the statement's shape only is computed once per shape.
 
+    ``params`` are the parameters given to ``execute()`` beside the statement:
+    they take the place of the bound values of the same names (as they do when
+    the statement runs) and are part of the key.
+
     Raises :class:`NotCacheable` when the statement is not a ``select()``, locks
     rows, calls ``next_value()``, has no SQLAlchemy cache key, or has a bound
-    parameter whose value cannot be rendered stably or is given only at execution
-    time (``bindparam("x")`` without a value). Textual fragments do not raise
-    here; :func:`read_tables` decides about those.
+    parameter whose value cannot be rendered stably or is given neither in the
+    statement nor in ``params`` (``bindparam("x")`` without a value). Textual
+    fragments do not raise here; :func:`read_tables` decides about those.
     """
     cache_key, shape = _shape(stmt)
     if shape.fatal is not None:
@@ -680,13 +685,19 @@ def statement_key(
     try:
         if translate:
             _render_value(dict(translate), parts)
+        given = params if params is not None else _NO_OPTIONS
         for param in cache_key.bindparams:
+            if param.key in given:
+                continue  # the execute() parameter is used instead: rendered below
             if param.value is None and param.callable is None and param.required:
                 name = param.key if not param.key.startswith("%(") else "an anonymous bindparam()"
                 raise NotCacheable(
                     f"bound parameter {name!r} has no value in the statement (it is given at execution time)"
                 )
             _render_value(param.effective_value, parts)
+        for name in sorted(given):
+            parts.append(_str(str(name)))
+            _render_value(given[name], parts)
     except _Unrenderable as exc:
         raise NotCacheable(f"a bound parameter is a {exc.what}, which has no stable rendering") from None
     return _KEY_PREFIX + _digest("".join(parts))
