@@ -631,3 +631,18 @@ def test_long_tags_are_hashed() -> None:
 def test_a_pk_value_without_a_tag_raises() -> None:
     with pytest.raises(NotCacheable):
         identity_tags("t", (object(),))
+
+
+def test_describe_gives_what_the_three_functions_give() -> None:
+    from tagcache.integrations.sqlalchemy.statements import describe
+
+    lookup = select(Label).where(Label.id == 5)
+    assert describe(lookup, ENGINE) == (statement_key(lookup, ENGINE), read_tables(lookup), pk_lookup(lookup))
+    joined = select(User.name).join(User.projects)
+    assert describe(joined, ENGINE, tables=["extra"]) == (
+        statement_key(joined, ENGINE),
+        read_tables(joined, ["extra"]),
+        None,  # tables given: no row tags
+    )
+    with pytest.raises(NotCacheable):
+        describe(select(User.id).where(text("1 = 1")), ENGINE)

@@ -33,11 +33,9 @@ from tagcache.exceptions import ConfigurationError, TagCacheError
 from tagcache.integrations.sqlalchemy.errors import NotCacheable
 from tagcache.integrations.sqlalchemy.rows import decode_result, encode_result
 from tagcache.integrations.sqlalchemy.statements import (
+    describe,
     identity_tags,
-    pk_lookup,
-    read_tables,
     rows_tag,
-    statement_key,
     table_tag,
     written_tables,
 )
@@ -278,9 +276,6 @@ class QueryCache:
     ) -> Result[Any]:
         """The one path of both forms: key, tags, bypass rules, the engine, rehydration."""
         try:
-            read = read_tables(statement, tables)
-            if tables:
-                read = read | tables
             bind = sync.get_bind(clause=statement)  # type: ignore[arg-type]  # an Executable is a clause here
             options = dict(bind.get_execution_options())
             get_options = getattr(statement, "get_execution_options", None)
@@ -288,8 +283,7 @@ class QueryCache:
                 options.update(get_options())
             if params is not None and not isinstance(params, Mapping):
                 raise NotCacheable("executemany-style parameters (a list of dicts) are not cached")
-            key = statement_key(statement, bind, options, params)
-            lookup = pk_lookup(statement) if tables is None else None
+            key, read, lookup = describe(statement, bind, options, params, tables)
         except NotCacheable as exc:
             self._log_once(exc.reason)
             return await execute()

@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from types import CodeType, MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import (
@@ -96,6 +96,8 @@ from sqlalchemy.types import TypeEngine
 from tagcache.integrations.sqlalchemy.errors import NotCacheable
 
 __all__ = [
+    "Described",
+    "describe",
     "identity_tags",
     "pk_lookup",
     "read_tables",
@@ -673,6 +675,18 @@ def statement_key(
     fragments do not raise here; :func:`read_tables` decides about those.
     """
     cache_key, shape = _shape(stmt)
+    return _key_of(stmt, cache_key, shape, bind, execution_options, params)
+
+
+def _key_of(
+    stmt: Executable,
+    cache_key: Any,
+    shape: _Shape,
+    bind: Engine | Connection,
+    execution_options: Mapping[str, Any],
+    params: Mapping[str, Any] | None,
+) -> str:
+    """:func:`statement_key` once the statement's shape is known."""
     if shape.fatal is not None:
         raise NotCacheable(shape.fatal)
     engine = bind.engine
@@ -726,6 +740,11 @@ def read_tables(stmt: Executable, tables: Iterable[str] | None = None) -> frozen
     if isinstance(tables, str):
         raise TypeError("tables must be an iterable of table names, not a str; write tables=[name]")
     _, shape = _shape(stmt)
+    return _tables_of(shape, tables)
+
+
+def _tables_of(shape: _Shape, tables: Iterable[str] | None) -> frozenset[str]:
+    """:func:`read_tables` once the statement's shape is known."""
     if shape.fatal is not None:
         raise NotCacheable(shape.fatal)
     if tables is None:
@@ -750,6 +769,11 @@ def pk_lookup(stmt: Executable) -> tuple[str, tuple[Any, ...]] | None:
         cache_key, shape = _shape(stmt)
     except NotCacheable:
         return None
+    return _pk_of(cache_key, shape)
+
+
+def _pk_of(cache_key: Any, shape: _Shape) -> tuple[str, tuple[Any, ...]] | None:
+    """:func:`pk_lookup` once the statement's shape is known."""
     if shape.pk is None or shape.fatal is not None:
         return None
     table, positions = shape.pk
@@ -762,6 +786,32 @@ def pk_lookup(stmt: Executable) -> tuple[str, tuple[Any, ...]] | None:
     except NotCacheable:
         return None
     return table, values
+
+
+class Described(NamedTuple):
+    """What :func:`describe` finds about one execution of a statement."""
+
+    key: str
+    tables: frozenset[str]
+    pk: tuple[str, tuple[Any, ...]] | None
+
+
+def describe(
+    stmt: Executable,
+    bind: Engine | Connection,
+    execution_options: Mapping[str, Any] = _NO_OPTIONS,
+    params: Mapping[str, Any] | None = None,
+    tables: Iterable[str] | None = None,
+) -> Described:
+    """:func:`statement_key`, :func:`read_tables` and (without ``tables``) :func:`pk_lookup`
+    in one look-up of the statement's shape: the query cache's per-call analysis.
+    Raises :class:`NotCacheable` as those do."""
+    if isinstance(tables, str):
+        raise TypeError("tables must be an iterable of table names, not a str; write tables=[name]")
+    cache_key, shape = _shape(stmt)
+    read = _tables_of(shape, tables)
+    key = _key_of(stmt, cache_key, shape, bind, execution_options, params)
+    return Described(key, read, _pk_of(cache_key, shape) if tables is None else None)
 
 
 _written: weakref.WeakKeyDictionary[Any, tuple[int, frozenset[str]]] = weakref.WeakKeyDictionary()
