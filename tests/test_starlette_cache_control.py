@@ -247,6 +247,38 @@ async def test_first_listed_match_wins() -> None:
         assert (await client.get("/api/v1/users/1")).headers["cache-control"] == "max-age=2"
 
 
+async def test_rules_are_right_for_many_and_long_paths() -> None:
+    """The per-path rule memo starts over when full and skips long paths: answers stay right."""
+
+    async def receive_nothing() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    middleware = CacheControlMiddleware(app, policies=POLICIES, etag=False)
+    long_user = "/api/v1/users/" + "7" * 300
+    for n in range(5000):
+        for path, expected in (
+            (f"/api/v1/users/{n}", USERS.encode()),
+            (f"/api/v1/users/{n}/avatar", None),
+            (long_user, USERS.encode()),
+            (long_user + "/avatar", None),
+        ):
+            if n % 50 and path.startswith(long_user):
+                continue
+            sent: list[Message] = []
+
+            async def send(message: Message, sent: list[Message] = sent) -> None:
+                sent.append(message)
+
+            await middleware(http_scope(path=path), receive_nothing, send)
+            assert dict(sent[0]["headers"]).get(b"cache-control") == expected, path
+    assert len(middleware._memo) <= 4096
+    assert all(len(path) <= 256 for path in middleware._memo)
+
+
 async def test_caching_policy_only_for_get_and_head_below_400() -> None:
     policies = {r"/status/\d+": "public, max-age=60", r"/api/v1/users/\d+": USERS}
     async with client_for(make_app(policies=policies)) as client:

@@ -53,8 +53,9 @@ strong ETag of the identity body would be sent with the gzip body.
 The middleware is pure ASGI: non-``http`` scopes are passed through untouched, response
 headers stay a list of pairs (duplicate ``Set-Cookie``/``Vary`` survive), the body is never
 held beyond the first message, and background tasks run after the response was sent. The
-per-request cost when nothing applies is one ``fullmatch`` per pattern up to the first match
-and, for ``GET``/``HEAD``, one scan of the request headers.
+rule matching a path is remembered (up to 4,096 paths of up to 256 characters, then the memo
+starts over), so a repeated path costs one dictionary lookup instead of one ``fullmatch`` per
+pattern; ``GET``/``HEAD`` add one scan of the request headers.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ _BEFORE_START: Final = 0  # nothing sent yet
 _HOLDING: Final = 1  # start message held until the first body message
 _PASSING: Final = 2  # everything else goes straight through
 _DROPPING: Final = 3  # a 304 was sent: the application's body is discarded
+
+# The path -> rule memo: at most this many paths, each at most this long, then it starts over.
+_MEMO_SIZE: Final = 4096
+_MEMO_PATH_LENGTH: Final = 256
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,25 @@ class CacheControlMiddleware:
         self._rules: tuple[tuple[re.Pattern[str], dict[str, _Directive | None]], ...] = tuple(
             (re.compile(pattern), _compile_rule(pattern, spec, override)) for pattern, spec in pairs
         )
+        self._memo: dict[str, dict[str, _Directive | None] | None] = {}
+
+    def _rule_for(self, path: str) -> dict[str, _Directive | None] | None:
+        """The first rule whose pattern matches the whole ``path``, remembered per path."""
+        memo = self._memo
+        try:
+            return memo[path]
+        except KeyError:
+            pass
+        found: dict[str, _Directive | None] | None = None
+        for pattern, rule in self._rules:
+            if pattern.fullmatch(path):
+                found = rule
+                break
+        if len(path) <= _MEMO_PATH_LENGTH:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[path] = found
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -213,12 +237,8 @@ class CacheControlMiddleware:
             return
 
         method: str = scope["method"]
-        directive: _Directive | None = None
-        path: str = scope["path"]
-        for pattern, rule in self._rules:
-            if pattern.fullmatch(path):
-                directive = rule.get(method, rule[""])
-                break
+        rule = self._rule_for(scope["path"]) if self._rules else None
+        directive = None if rule is None else rule.get(method, rule[""])
 
         if method == "GET" or method == "HEAD":
             if_none_match: bytes | None = None
@@ -234,37 +254,58 @@ class CacheControlMiddleware:
                 await self.app(scope, receive, send)
                 return
             responder = _Responder(
+                self,
                 send,
                 directive,
-                safe=True,
-                head=method == "HEAD",
-                compute_etag=self.etag,
-                max_etag_body=self.max_etag_body,
-                if_none_match=None if if_none_match is None else if_none_match.decode("latin-1"),
-                if_modified_since=None if if_modified_since is None else if_modified_since.decode("latin-1"),
+                method == "HEAD",
+                None if if_none_match is None else if_none_match.decode("latin-1"),
+                None if if_modified_since is None else if_modified_since.decode("latin-1"),
             )
+            await self.app(scope, receive, responder.send)
         elif directive is not None and not directive.caching:
-            responder = _Responder(
-                send,
-                directive,
-                safe=False,
-                head=False,
-                compute_etag=False,
-                max_etag_body=0,
-                if_none_match=None,
-                if_modified_since=None,
-            )
+            await self.app(scope, receive, _UnsafeResponder(send, directive).send)
         else:
             await self.app(scope, receive, send)
-            return
-        await self.app(scope, receive, responder.send)
+
+
+def _with_directive(
+    headers: list[tuple[bytes, bytes]], has_cache_control: bool, directive: _Directive
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` with the policy's ``Cache-Control`` in place of the application's, as a new list."""
+    if has_cache_control:
+        headers = [pair for pair in headers if pair[0].lower() != b"cache-control"]
+    return [*headers, (b"cache-control", directive.value)]
+
+
+class _UnsafeResponder:
+    """Per-request state for other methods: add a ``no-store``/``private`` policy, nothing else."""
+
+    __slots__ = ("directive", "send_next", "started")
+
+    def __init__(self, send: Send, directive: _Directive) -> None:
+        self.send_next = send
+        self.directive = directive
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        if not self.started and message["type"] == "http.response.start":
+            self.started = True
+            headers = message.get("headers", [])
+            has_cache_control = any(name.lower() == b"cache-control" for name, _ in headers)
+            if not has_cache_control or self.directive.override:
+                headers = _with_directive(list(headers), has_cache_control, self.directive)
+                message = {**message, "headers": headers}
+        await self.send_next(message)
 
 
 class _Responder:
-    """Per-request state: wraps ``send`` to rewrite the start message and, maybe, hold it."""
+    """Per-request state for ``GET``/``HEAD``: wraps ``send`` to rewrite the start message, maybe hold it.
+
+    The whole exchange runs in :meth:`send` and plain (non-``async``) helpers, so a response
+    costs the application's own ``send`` calls and no extra coroutine frames.
+    """
 
     __slots__ = (
-        "compute_etag",
         "directive",
         "etag",
         "head",
@@ -272,8 +313,7 @@ class _Responder:
         "if_modified_since",
         "if_none_match",
         "last_modified",
-        "max_etag_body",
-        "safe",
+        "owner",
         "send_next",
         "start",
         "state",
@@ -282,49 +322,63 @@ class _Responder:
         "zero_length",
     )
 
+    # Set when the start message arrives (_on_start), read only after it.
+    start: Message
+    headers: list[tuple[bytes, bytes]]
+    status: int
+    etag: str | None
+    last_modified: str | None
+    weak: bool
+    zero_length: bool
+
     def __init__(
         self,
+        owner: CacheControlMiddleware,
         send: Send,
         directive: _Directive | None,
-        *,
-        safe: bool,
         head: bool,
-        compute_etag: bool,
-        max_etag_body: int,
         if_none_match: str | None,
         if_modified_since: str | None,
     ) -> None:
+        self.owner = owner
         self.send_next = send
         self.directive = directive
-        self.safe = safe
         self.head = head
-        self.compute_etag = compute_etag
-        self.max_etag_body = max_etag_body
         self.if_none_match = if_none_match
         self.if_modified_since = if_modified_since
         self.state = _BEFORE_START
-        self.start: Message = {}
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.status = 0
-        self.etag: str | None = None
-        self.last_modified: str | None = None
-        self.weak = False
-        self.zero_length = False
 
     async def send(self, message: Message) -> None:
         state = self.state
         if state == _PASSING:
             await self.send_next(message)
         elif state == _HOLDING:
-            await self._first_after_start(message)
+            # The first message after a held start: hash a complete small body, else pass through.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                body: bytes = message.get("body", b"")
+                # A HEAD response with an empty body but a non-zero length (e.g. FileResponse)
+                # says nothing about the GET body: hashing it would give HEAD a different ETag.
+                if len(body) <= self.owner.max_etag_body and (body or not self.head or self.zero_length):
+                    etag = make_etag(body, weak=self.weak)
+                    self.etag = etag
+                    self.headers = [*self.headers, (b"etag", etag.encode("latin-1"))]
+                    if self.head and body:
+                        message = {**message, "body": b""}
+            await self.send_next(self._final_start())
+            await self.send_next(message if self.state == _PASSING else _empty_body())
         elif state == _BEFORE_START:
             if message["type"] == "http.response.start":
-                await self._on_start(message)
+                start = self._on_start(message)
+                if start is not None:
+                    await self.send_next(start)
+                    if self.state == _DROPPING:
+                        await self.send_next(_empty_body())
             else:  # e.g. http.response.early_hint, or a type this middleware does not know
                 await self.send_next(message)
         # _DROPPING: a 304 went out; the application's body (and trailers) are discarded.
 
-    async def _on_start(self, message: Message) -> None:
+    def _on_start(self, message: Message) -> Message | None:
+        """Read the start message; return what to send now, or ``None`` to hold it for the ETag."""
         status: int = message["status"]
         headers: list[tuple[bytes, bytes]] = message.get("headers", [])
         if not isinstance(headers, (list, tuple)):  # any iterable is allowed; we read it twice
@@ -351,19 +405,11 @@ class _Responder:
         no_store = False
         if (
             directive is not None
-            and (not directive.caching or (self.safe and status < 400))
+            and (not directive.caching or status < 400)
             and (not has_cache_control or directive.override)
         ):
-            if has_cache_control:
-                headers = [pair for pair in headers if pair[0].lower() != b"cache-control"]
-            headers = [*headers, (b"cache-control", directive.value)]
-            message = {**message, "headers": headers}
+            headers = _with_directive(headers, has_cache_control, directive)
             no_store = directive.no_store
-
-        if not self.safe:
-            self.state = _PASSING
-            await self.send_next(message)
-            return
 
         self.start = message
         self.headers = headers
@@ -372,30 +418,13 @@ class _Responder:
         self.last_modified = None if last_modified is None else last_modified.decode("latin-1")
         self.weak = encoded
         self.zero_length = zero_length
-        if etag is None and self.compute_etag and status == 200 and not no_store:
+        if etag is None and status == 200 and not no_store and self.owner.etag:
             self.state = _HOLDING
-            return
-        await self._send_start()
+            return None
+        return self._final_start()
 
-    async def _first_after_start(self, message: Message) -> None:
-        """The first message after a held start: hash a complete small body, else pass through."""
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            body: bytes = message.get("body", b"")
-            # A HEAD response with an empty body but a non-zero length (e.g. FileResponse) says
-            # nothing about the GET body: hashing it would give HEAD a different ETag.
-            if len(body) <= self.max_etag_body and (body or not self.head or self.zero_length):
-                self.etag = make_etag(body, weak=self.weak)
-                self.headers = [*self.headers, (b"etag", self.etag.encode("latin-1"))]
-                if await self._send_start():
-                    if self.head and body:
-                        message = {**message, "body": b""}
-                    await self.send_next(message)
-                return
-        if await self._send_start():
-            await self.send_next(message)
-
-    async def _send_start(self) -> bool:
-        """Send the held start message, or a 304 instead; return whether the body should follow."""
+    def _final_start(self) -> Message:
+        """The start message to send: the response's own (rewritten), or a 304 instead."""
         if self._not_modified():
             self.state = _DROPPING
             drop_last_modified = self.etag is not None
@@ -405,12 +434,9 @@ class _Responder:
                 if (lowered := name.lower()) not in _NOT_IN_304
                 and not (drop_last_modified and lowered == b"last-modified")
             ]
-            await self.send_next({"type": "http.response.start", "status": 304, "headers": headers})
-            await self.send_next({"type": "http.response.body", "body": b"", "more_body": False})
-            return False
+            return {"type": "http.response.start", "status": 304, "headers": headers}
         self.state = _PASSING
-        await self.send_next({**self.start, "headers": self.headers})
-        return True
+        return {**self.start, "headers": self.headers}
 
     def _not_modified(self) -> bool:
         """Evaluate If-None-Match / If-Modified-Since (RFC 9110, section 13.2.2, steps 3-4)."""
@@ -425,3 +451,8 @@ class _Responder:
             modified = parse_http_date(self.last_modified)
             return since is not None and modified is not None and modified <= since
         return False
+
+
+def _empty_body() -> Message:
+    """The body message of a 304: empty and final."""
+    return {"type": "http.response.body", "body": b"", "more_body": False}
