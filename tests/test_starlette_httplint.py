@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tagcache import Cache
+from tagcache import Cache, ConfigurationError
 from tagcache.integrations.starlette import ResponseCache, ResponseCacheMiddleware, cache_admin
 from tagcache.testing import memory_cache
 
@@ -77,8 +77,8 @@ def lint(response: httpx.Response, *, received_at: float | None = None) -> list[
     ]
 
 
-def make_app(cache: Cache, clock: Clock, calls: list[int]) -> Starlette:
-    responses = ResponseCache(cache, ttl=60, clock=clock)
+def make_app(cache: Cache, clock: Clock, calls: list[int], *, date: bool = False) -> Starlette:
+    responses = ResponseCache(cache, ttl=60, clock=clock, date=date)
 
     @responses.cached(tags=["items", "item:{item_id}"])
     async def item(request: Request) -> Response:
@@ -169,8 +169,9 @@ async def test_a_304_from_a_cached_hit_is_clean(
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "a hit is sent with Age but with the Date the server adds when it sends it (now), not the Date "
-        "of when the response was generated: httplint says AGE_PENALTY (WARN)"
+        "by default a hit is sent with Age and the Date the server adds when it sends it (now), not the "
+        "Date of when the response was generated: httplint says AGE_PENALTY (WARN). ResponseCache(date=True) "
+        "with a server that adds no Date is clean (the next test)"
     ),
 )
 async def test_a_hit_dated_by_the_server_is_clean_against_the_clock(
@@ -226,3 +227,47 @@ def test_lint_reports_a_broken_response(headers: dict[str, str], note: str) -> N
         request=httpx.Request("GET", "http://testserver/items/7"),
     )
     assert any(note in found for found in lint(response)), lint(response)
+
+
+async def test_with_date_on_a_hit_keeps_the_date_it_was_generated_and_is_clean_against_the_clock(
+    cache: Cache, clock: Clock, calls: list[int]
+) -> None:
+    """``ResponseCache(date=True)`` behind a server that adds no ``Date`` (uvicorn
+    ``--no-date-header``): every response is dated, a hit with its original ``Date``."""
+    clock.now = time.time()
+    transport = httpx.ASGITransport(app=make_app(cache, clock, calls, date=True))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        miss = await http.get("/items/7")
+        assert email.utils.parsedate_to_datetime(miss.headers["date"]).timestamp() == int(clock.now)
+        assert lint(miss, received_at=time.time()) == []
+        clock.now += 7
+        hit = await http.get("/items/7")
+        not_modified = await http.get("/items/7", headers={"if-none-match": hit.headers["etag"]})
+        assert len(calls) == 1
+        assert hit.headers["age"] == not_modified.headers["age"] == "7"
+        assert hit.headers.get_list("date") == not_modified.headers.get_list("date") == [miss.headers["date"]]
+        # Responses that are not stored are dated too, once.
+        admin = await http.get("/admin/stats", headers={"x-admin-token": TOKEN})
+        assert len(admin.headers.get_list("date")) == 1
+        received_at = time.time() + 7  # the fake clock ran 7 s ahead of the real one
+        assert lint(hit, received_at=received_at) + lint(not_modified, received_at=received_at) == []
+
+
+async def test_with_date_an_applications_own_date_is_kept(cache: Cache, clock: Clock) -> None:
+    responses = ResponseCache(cache, ttl=60, clock=clock, date=True)
+
+    @responses.cached()
+    async def dated(request: Request) -> Response:
+        return JSONResponse({}, headers={"date": SERVER_DATE, "cache-control": CACHE_CONTROL})
+
+    app = Starlette(routes=[Route("/dated", dated)])
+    app.add_middleware(ResponseCacheMiddleware, responses=responses)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        for _ in range(2):
+            assert (await http.get("/dated")).headers.get_list("date") == [SERVER_DATE]
+
+
+def test_date_must_be_a_bool(cache: Cache) -> None:
+    with pytest.raises(ConfigurationError, match="date must be True or False"):
+        ResponseCache(cache, date="yes")  # type: ignore[arg-type]  # the wrong type on purpose

@@ -237,6 +237,45 @@ async def test_if_none_match_gets_a_304_with_the_headers_of_the_200(cache: Cache
     assert calls["project"] == 1
 
 
+LAST_MODIFIED = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+async def test_if_modified_since_is_evaluated_on_hits_against_the_stored_last_modified(
+    cache: Cache, clock: Clock
+) -> None:
+    responses = ResponseCache(cache, clock=clock)
+    calls: list[int] = []
+
+    @responses.cached()
+    async def dated(request: StarletteRequest) -> Response:
+        calls.append(1)
+        return PlainTextResponse("dated", headers={"last-modified": LAST_MODIFIED})
+
+    app = Starlette(routes=[Route("/dated", dated)])
+    app.add_middleware(ResponseCacheMiddleware, responses=responses)
+    async with client(app) as http:
+        first = await http.get("/dated", headers={"if-modified-since": LAST_MODIFIED})
+        assert first.status_code == 304  # the miss is stored whole and answered conditionally
+        later = "Mon, 07 Nov 1994 08:49:37 GMT"
+        earlier = "Sat, 05 Nov 1994 08:49:37 GMT"
+        for header, status in (
+            ({"if-modified-since": LAST_MODIFIED}, 304),
+            ({"if-modified-since": later}, 304),
+            ({"if-modified-since": earlier}, 200),
+            ({"if-modified-since": "not a date"}, 200),
+            # If-None-Match, when present, decides alone.
+            ({"if-modified-since": later, "if-none-match": '"other"'}, 200),
+            ({"if-modified-since": earlier, "if-none-match": first.headers["etag"]}, 304),
+        ):
+            hit = await http.get("/dated", headers=header)
+            assert hit.status_code == status, header
+            assert hit.headers["etag"] == first.headers["etag"]
+            assert (hit.content == b"") if status == 304 else (hit.text == "dated")
+        twice = await http.get("/dated", headers=[("if-modified-since", later), ("if-modified-since", later)])
+        assert twice.status_code == 200  # two lines make the field invalid: ignored
+    assert len(calls) == 1
+
+
 async def test_a_conditional_first_request_still_stores_the_full_response(cache: Cache) -> None:
     calls: dict[str, int] = {}
     async with client(fastapi_app(ResponseCache(cache), calls)) as http:

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from email.utils import parsedate_to_datetime
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Final, TypeVar
 
 from starlette.routing import Host, Match, Mount
@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tagcache.cache import Cache
 from tagcache.exceptions import BackendError, ConfigurationError, SerializationError, TagCacheError
-from tagcache.integrations.starlette.http import etag_matches, make_etag, parse_cache_control
+from tagcache.integrations.starlette.http import etag_matches, make_etag, parse_cache_control, parse_http_date
 from tagcache.readthrough import LoadPolicy, LoadRequest, Uncached
 from tagcache.tags import MAX_TAG_LENGTH, check_tags, ttl_seconds
 
@@ -280,6 +280,16 @@ class ResponseCache:
             request (default: the cache's ``fail_open``, itself ``True`` by default).
         clock: Unix time in seconds for ``Age`` (default :func:`time.time`); give
             the cache's fake clock in tests.
+        date: send ``Date`` from the middleware: a response that has none gets the
+            current time, and a stored response keeps the time it was generated, so a
+            hit carries its original ``Date`` with its ``Age``, as an HTTP cache's hit
+            does. Off by default, because ASGI servers add ``Date: <now>`` to every
+            response (a second ``Date`` would be wrong); turn it on together with the
+            server's switch (uvicorn ``--no-date-header`` / ``date_header=False``,
+            hypercorn ``include_date_header = false``). With the server's ``Date``, a
+            hit of age N says ``Date: <now>`` and ``Age: N``: caches downstream still
+            compute its age right (RFC 9111, section 4.2.3), but linters such as
+            httplint take the pair for a ``Date`` rewritten by an intermediary.
 
     What is stored: the final response to a ``GET`` (not ``HEAD``) whose status is in
     ``statuses``, whose ``Cache-Control`` has none of ``no-store``, ``private`` and
@@ -305,6 +315,7 @@ class ResponseCache:
         honor_client_no_cache: bool = False,
         fail_open: bool | None = None,
         clock: Callable[[], float] | None = None,
+        date: bool = False,
     ) -> None:
         if not isinstance(cache, Cache):
             raise ConfigurationError(f"ResponseCache needs a tagcache.Cache, got {cache!r}")
@@ -334,6 +345,11 @@ class ResponseCache:
         if clock is not None and not callable(clock):
             raise ConfigurationError(f"clock must be a function returning seconds, got {clock!r}")
         self.clock: Callable[[], float] = clock if clock is not None else time.time
+        if not isinstance(date, bool):
+            raise ConfigurationError(f"date must be True or False, got {date!r}")
+        self.date = date
+        self._date_second = -1
+        self._date_value = b""
         self._routes: dict[Any, _RouteSpec] = {}
         self._policies: dict[tuple[float, float, bool], LoadPolicy] = {}
         self._logged: set[str] = set()
@@ -344,6 +360,17 @@ class ResponseCache:
         if not seconds or seconds <= 0:
             raise ConfigurationError(f"{what} must be a positive number of seconds, got {ttl!r}")
         return seconds
+
+    def http_date(self, at: float | None = None) -> bytes:
+        """``at`` (default: now, by :attr:`clock`) as an IMF-fixdate, the form of ``Date``."""
+        when = self.clock() if at is None else at
+        second = int(when)
+        if at is not None:
+            return formatdate(second, usegmt=True).encode("ascii")
+        if second != self._date_second:  # formatted once per second, as servers do
+            self._date_value = formatdate(second, usegmt=True).encode("ascii")
+            self._date_second = second
+        return self._date_value
 
     @property
     def fail_open(self) -> bool:
@@ -588,6 +615,9 @@ class _Capture:
             for k, v in self.start.get("headers", ())
             if k.lower() not in _NOT_STORED
         ]
+        stored_at = rc.clock()
+        if rc.date and not any(k == b"date" for k, _ in headers):
+            headers.append((b"date", rc.http_date(stored_at)))
         etags = [v for k, v in headers if k == b"etag"]
         if etags:
             etag = etags[0].decode("latin-1")
@@ -598,7 +628,7 @@ class _Capture:
         shape = self.mw._shape_of(self.x.target, headers, directives)
         assert shape is not None  # _decide checked it
         shared = "public" in directives or "s-maxage" in directives
-        self.record = _Record(status, headers, body, rc.clock(), shape.ttl, etag, shared)
+        self.record = _Record(status, headers, body, stored_at, shape.ttl, etag, shared)
         self.shape = shape
         if self.client is not None:
             self.x.sent = True
@@ -620,6 +650,43 @@ class _Capture:
             await self.mw._write_shape(self.x.target, shape)
             return Uncached(None, "the response's Vary or cache policy changed")
         return self.record.dump()
+
+
+def _not_modified(request_headers: Sequence[tuple[bytes, bytes]], record: _Record) -> bool:
+    """Whether the request's preconditions make a stored 2xx a 304 (RFC 9110, 13.2.2, steps 3-4).
+
+    ``If-None-Match`` against the stored ETag (weak comparison); without it,
+    ``If-Modified-Since`` against the stored ``Last-Modified``, ignored unless both are one
+    valid HTTP-date.
+    """
+    inm = _header_values(request_headers, b"if-none-match")
+    if inm:
+        return etag_matches(", ".join(inm), record.etag)
+    since = _header_values(request_headers, b"if-modified-since")
+    modified = _header_values(record.headers, b"last-modified")
+    if len(since) != 1 or len(modified) != 1:
+        return False
+    since_at, modified_at = parse_http_date(since[0]), parse_http_date(modified[0])
+    return since_at is not None and modified_at is not None and modified_at <= since_at
+
+
+class _Dated:
+    """Wraps ``send``: a start message without ``Date`` gets the current one (``date=True``)."""
+
+    __slots__ = ("responses", "send_next", "started")
+
+    def __init__(self, send: Send, responses: ResponseCache) -> None:
+        self.send_next = send
+        self.responses = responses
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        if not self.started and message["type"] == "http.response.start":
+            self.started = True
+            headers = message.get("headers", ())
+            if not any(bytes(k).lower() == b"date" for k, _ in headers):
+                message = {**message, "headers": [*headers, (b"date", self.responses.http_date())]}
+        await self.send_next(message)
 
 
 class ResponseCacheMiddleware:
@@ -675,6 +742,8 @@ class ResponseCacheMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.responses.date:
+            send = _Dated(send, self.responses).send
         method = scope["method"]
         if method == "GET" or method == "HEAD":
             target = self._target(scope, scope["path"])
@@ -873,11 +942,11 @@ class ResponseCacheMiddleware:
         head: bool,
         age: int | None,
     ) -> None:
+        # Age first: a reader that checks Date against the clock as it reads (httplint) knows it then.
         headers = list(record.headers)
         if age is not None:
-            headers.append((b"age", str(age).encode("ascii")))
-        inm = _header_values(request_headers, b"if-none-match")
-        if inm and 200 <= record.status < 300 and etag_matches(", ".join(inm), record.etag):
+            headers.insert(0, (b"age", str(age).encode("ascii")))
+        if 200 <= record.status < 300 and _not_modified(request_headers, record):
             kept = [(k, v) for k, v in headers if k in _NOT_MODIFIED_HEADERS or k == b"age"]
             await send({"type": "http.response.start", "status": 304, "headers": kept})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
