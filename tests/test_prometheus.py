@@ -1,5 +1,5 @@
 """Prometheus metrics of ``tagcache.integrations.prometheus``: counters labelled by
-namespace only, read at scrape time."""
+namespace (and, per cached function, by its name), read at scrape time."""
 
 from __future__ import annotations
 
@@ -95,6 +95,35 @@ async def test_no_key_tag_or_value_appears_in_the_exposition(cache: Cache) -> No
     }
     assert label_names == {"namespace"}
     assert f'tagcache_hits_total{{namespace="{cache.namespace}"}} 1.0' in text
+
+
+async def test_cached_functions_get_counters_labelled_by_function(cache: Cache) -> None:
+    registry = CollectorRegistry()
+    CacheCollector(cache, registry=registry)
+
+    @cache.cached(ttl=60, tags=[SECRET_TAG])
+    async def account(user_id: str) -> str:
+        return "ada@example.com"
+
+    for _ in range(3):
+        await account(SECRET_KEY)
+    ns = cache.namespace
+    function = f"{__name__}.test_cached_functions_get_counters_labelled_by_function.<locals>.account"
+    assert value(registry, "tagcache_function_hits_total", ns, function=function) == 2.0
+    assert value(registry, "tagcache_function_misses_total", ns, function=function) == 1.0
+    for name in ("lock_waits", "errors", "not_stored", "stale_on_error", "timeouts"):
+        assert value(registry, f"tagcache_function_{name}_total", ns, function=function) == 0.0, name
+    assert value(registry, "tagcache_hits_total", ns) == 2.0  # the totals count them too
+    text = generate_latest(registry).decode()
+    for secret in ("secret-key", "secret-tag", "ada@example.com"):
+        assert secret not in text
+    label_names = {
+        name
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        for name in sample.labels
+    }
+    assert label_names == {"namespace", "function"}
 
 
 async def test_several_caches_are_told_apart_by_namespace() -> None:

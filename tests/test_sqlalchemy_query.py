@@ -324,6 +324,8 @@ async def test_results_over_max_rows_are_returned_uncached_and_counted(
             assert sql.count == 1
     stats = await qc_cache.stats()
     assert stats.not_stored == 2 and stats.errors == 0
+    function = qc_cache.function_stats()["tagcache.QueryCache"]
+    assert (function.misses, function.not_stored, function.errors) == (2, 2, 0)
 
 
 async def test_explicit_tags_are_added(

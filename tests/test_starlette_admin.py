@@ -326,7 +326,26 @@ async def test_stats(cache: Cache, admin_client: Callable[..., httpx.AsyncClient
     assert (body["invalidations"], body["errors"], body["stale_on_error"]) == (0, 0, 0)
     assert body["keys"] == 3
     assert "memory_bytes" in body
+    assert body["functions"] == {}
     assert response.headers["content-type"].startswith("application/json")
+
+
+async def test_stats_lists_cached_functions(
+    cache: Cache, admin_client: Callable[..., httpx.AsyncClient]
+) -> None:
+    @cache.cached(ttl=60)
+    async def profile(user_id: int) -> dict[str, int]:
+        return {"id": user_id}
+
+    for user_id in (1, 1, 1, 2):
+        await profile(user_id)
+    async with admin_client() as client:
+        body = (await client.get(f"{PREFIX}/stats")).json()
+    functions = body["functions"]
+    assert list(functions) == [f"{__name__}.test_stats_lists_cached_functions.<locals>.profile"]
+    (figures,) = functions.values()
+    assert (figures["hits"], figures["misses"], figures["hit_ratio"]) == (2, 2, 0.5)
+    assert (body["hits"], body["misses"]) == (2, 2)
 
 
 async def test_clear_removes_this_namespace_only(

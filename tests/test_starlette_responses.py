@@ -143,6 +143,9 @@ async def test_stats_count_one_miss_then_hits_for_stored_responses(cache: Cache)
     stats = await cache.stats()
     assert calls["project"] == 1
     assert (stats.misses, stats.hits) == (1, 2)  # the URL's bookkeeping reads are not counted
+    (function,) = cache.function_stats().items()
+    assert function[0] == "tagcache.ResponseCache"
+    assert (function[1].misses, function[1].hits) == (1, 2)
 
 
 async def test_the_etag_is_deterministic_and_changes_with_the_body(cache: Cache) -> None:

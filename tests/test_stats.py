@@ -184,3 +184,64 @@ async def test_lock_waits_count_callers_that_waited_for_another_load(cache: Cach
     assert stats.as_dict()["lock_waits"] == 3
     cache.reset_stats()
     assert (await cache.stats()).lock_waits == 0
+
+
+# ------------------------------------------------------------------ per cached function
+
+
+async def test_function_stats_count_each_decorated_function_apart(cache: Cache) -> None:
+    @cache.cached(ttl=60, tags=["users"])
+    async def user(user_id: int) -> dict[str, int]:
+        return {"id": user_id}
+
+    @cache.cached(ttl=60)
+    async def label(text: str) -> str:
+        return text.upper()
+
+    for user_id in (1, 1, 2, 1):
+        assert await user(user_id) == {"id": user_id}
+    assert await label("a") == "A"
+    await cache.get("direct")  # a direct read counts in the totals only
+
+    prefix = f"{__name__}.test_function_stats_count_each_decorated_function_apart.<locals>."
+    functions = cache.function_stats()
+    assert list(functions) == [prefix + "user", prefix + "label"]
+    mine = functions[prefix + "user"]
+    assert (mine.hits, mine.misses, mine.errors, mine.lock_waits) == (2, 2, 0, 0)
+    assert mine.hit_ratio == 0.5
+    assert mine.as_dict()["hit_ratio"] == 0.5
+    assert (functions[prefix + "label"].hits, functions[prefix + "label"].misses) == (0, 1)
+    totals = await cache.stats()
+    assert (totals.hits, totals.misses) == (2, 4)
+
+    cache.reset_stats()
+    assert all(f.hits == f.misses == 0 for f in cache.function_stats().values())
+    assert await user(1) == {"id": 1}
+    assert cache.function_stats()[prefix + "user"].hits == 1
+
+
+async def test_function_stats_count_values_not_stored(cache: Cache) -> None:
+    class Opaque:
+        pass
+
+    @cache.cached(ttl=60)
+    async def opaque() -> Opaque:
+        return Opaque()
+
+    assert isinstance(await opaque(), Opaque)  # returned, but the codec cannot store it
+    (figures,) = cache.function_stats().values()
+    assert (figures.misses, figures.not_stored, figures.errors) == (1, 1, 1)
+    assert (await cache.stats()).not_stored == 1
+
+
+async def test_function_names_are_bounded() -> None:
+    cache = Cache(MemoryBackend(), namespace=unique_namespace("names"))
+    first = cache.function_counters("f0")
+    assert cache.function_counters("f0") is first
+    for n in range(1, 1000):
+        cache.function_counters(f"f{n}")
+    other = cache.function_counters("one too many")
+    assert cache.function_counters("another") is other
+    names = list(cache.function_stats())
+    assert len(names) == 1001 and names[-1] == "(other)" and "one too many" not in names
+    await cache.aclose()

@@ -27,7 +27,7 @@ from tagcache.exceptions import (
     ValueTooLargeError,
 )
 from tagcache.sentinel import MISSING, Missing
-from tagcache.stats import CacheStats
+from tagcache.stats import CacheStats, FunctionStats
 from tagcache.warming import CacheWarmer, JobReport, JobStats, WarmingReport
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "Codec",
     "ConfigurationError",
     "EntryView",
+    "FunctionStats",
     "InvalidKeyError",
     "InvalidTTLError",
     "InvalidTagError",

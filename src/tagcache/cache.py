@@ -33,7 +33,7 @@ from tagcache.decorator import DEFAULT, check_source_options, is_decoratable, ma
 from tagcache.envelope import ENVELOPE_BYTE, META, strip
 from tagcache.exceptions import BackendError, ConfigurationError, TagCacheError, UnsupportedOperationError
 from tagcache.readthrough import DISABLED, LoadPolicy, LoadRequest, ReadThrough
-from tagcache.stats import CacheStats, Counters, note_write
+from tagcache.stats import CacheStats, Counters, FunctionStats, note_write
 from tagcache.tags import MAX_KEY_LENGTH, check_key, check_tags, ttl_seconds
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ class EntryView:
 #: get_or_set's policies, by fail_open.
 _OPEN_POLICY: Final = LoadPolicy(fail_open=True)
 _CLOSED_POLICY: Final = LoadPolicy(fail_open=False)
+#: Distinct function names with counters of their own (metric labels must stay bounded).
+_MAX_FUNCTION_NAMES: Final = 1000
+_OTHER_FUNCTIONS: Final = "(other)"
 #: The operations every backend implements (see tagcache.backends.base.Backend).
 _CORE: Final = ("get", "fetch", "lease", "set", "fill", "release", "delete", "invalidate", "clear", "aclose")
 
@@ -353,6 +356,7 @@ class Cache:
         self._fail_open = fail_open
         self._policy = _OPEN_POLICY if fail_open else _CLOSED_POLICY
         self._policies: dict[tuple[bool, float, float | None], LoadPolicy] = {}
+        self._function_counters: dict[str, Counters] = {}
         self._configured = backend is not None
         target: Backend = backend if backend is not None else _Unconfigured(namespace)
         self._install(_Binding(target, owns_backend, self._new_engine(target), Counters(), False))
@@ -978,8 +982,39 @@ class Cache:
         )
 
     def reset_stats(self) -> None:
-        """Set this cache's counters back to zero."""
+        """Set this cache's counters back to zero, the per-function ones too."""
         self._counters.reset()
+        for counters in self._function_counters.values():
+            counters.reset()
+
+    def function_counters(self, name: str) -> Counters:
+        """The counters of the cached function ``name``, created at the first call.
+
+        ``@cache.cached`` functions get theirs (named ``module.qualname``) when they
+        are decorated and pass them to the engine with every call
+        (:attr:`~tagcache.readthrough.LoadRequest.stats`); the query and response
+        caches use ``tagcache.QueryCache`` and ``tagcache.ResponseCache``. Functions
+        with the same name share counters. The names are bounded, since they are
+        metric labels: past 1,000 distinct names, new ones share ``"(other)"``.
+        """
+        counters = self._function_counters.get(name)
+        if counters is None:
+            if len(self._function_counters) >= _MAX_FUNCTION_NAMES:
+                name = _OTHER_FUNCTIONS
+                counters = self._function_counters.get(name)
+            if counters is None:
+                counters = self._function_counters[name] = Counters()
+        return counters
+
+    def function_stats(self) -> dict[str, FunctionStats]:
+        """Per cached function, its read-path counters (hits, misses, lock waits, errors...).
+
+        Keyed by the names of :meth:`function_counters`, in the order they were
+        first seen. Counted besides the cache's totals (:meth:`stats`), in this
+        process, since the function was decorated or the last :meth:`reset_stats`;
+        a :meth:`using` block does not swap them.
+        """
+        return {name: FunctionStats.from_counters(c) for name, c in self._function_counters.items()}
 
     async def aclose(self) -> None:
         """Finish background work (lease releases, refreshes, the replay of failed

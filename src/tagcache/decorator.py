@@ -74,6 +74,8 @@ class CachedFunction(Generic[P, R]):
         prepare_codec(cache.codec, func, localns=decorating_namespace())
         self._cache = cache
         self._func = func
+        #: This function's own counters (Cache.function_stats), counted besides the cache's.
+        self._stats = cache.function_counters(f"{func.__module__}.{func.__qualname__}")
         self._ttl = ttl
         self._policy = policy
         self._kind = kind
@@ -120,11 +122,12 @@ class CachedFunction(Generic[P, R]):
         else:
             key, tags, result_tags = self._prepare(args, kwargs)
         engine = self._cache.engine
-        value = engine.cached_nowait(key)  # an in-process hit, without a coroutine
+        stats = self._stats
+        value = engine.cached_nowait(key, stats)  # an in-process hit, without a coroutine
         if value is not NOT_FOUND:
             return value  # type: ignore[no-any-return]  # decoded payload of an R the function returned
         return await engine.load(
-            LoadRequest(key, self._func, self._ttl, tags, self._policy, result_tags, args, kwargs)
+            LoadRequest(key, self._func, self._ttl, tags, self._policy, result_tags, args, kwargs, stats)
         )
 
     def _key_and_tags(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
@@ -174,7 +177,7 @@ class CachedFunction(Generic[P, R]):
         key, tags, result_tags = self._prepare(args, kwargs)
         func = self._func
         ran = await self._cache.engine.recompute(
-            LoadRequest(key, func, self._ttl, tags, self._policy, result_tags, args, kwargs)
+            LoadRequest(key, func, self._ttl, tags, self._policy, result_tags, args, kwargs, self._stats)
         )
         if ran is None:  # another caller is refreshing: compute without storing
             return await func(*args, **kwargs)

@@ -199,9 +199,13 @@ class LoadRequest(Generic[T]):
         result_tags: tags computed from the value (``None``: only ``tags``).
         args: positional arguments for ``loader``.
         kwargs: keyword arguments for ``loader``.
+        stats: the caller's own counters (a decorated function's, see
+            :meth:`tagcache.Cache.function_counters`), counted in besides the
+            cache's: hits, misses, lock waits, and the errors, stale values,
+            timeouts and values not stored of this call.
     """
 
-    __slots__ = ("args", "key", "kwargs", "loader", "policy", "result_tags", "tags", "ttl")
+    __slots__ = ("args", "key", "kwargs", "loader", "policy", "result_tags", "stats", "tags", "ttl")
 
     def __init__(
         self,
@@ -213,6 +217,7 @@ class LoadRequest(Generic[T]):
         result_tags: Callable[[T], Iterable[str]] | None = None,
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] = _NO_KWARGS,
+        stats: Counters | None = None,
     ) -> None:
         self.key = key
         self.loader = loader
@@ -222,6 +227,7 @@ class LoadRequest(Generic[T]):
         self.result_tags = result_tags
         self.args = args
         self.kwargs = kwargs
+        self.stats = stats
 
     def call(self) -> Awaitable[T]:
         """Call the loader with the request's arguments."""
@@ -453,9 +459,11 @@ class ReadThrough:
         assert context is not None
         return self._decode_for(payload, context + key.encode())
 
-    def corrupt(self, key: str, exc: Exception) -> None:
+    def corrupt(self, key: str, exc: Exception, stats: Counters | None = None) -> None:
         """Count and log a payload under ``key`` that could not be decoded (read as a miss)."""
         self.counters.errors += 1
+        if stats is not None:
+            stats.errors += 1
         logger.warning("tagcache: unreadable value under key %r treated as a miss: %s", key, exc)
 
     def _strict_now(self) -> bool:
@@ -478,11 +486,12 @@ class ReadThrough:
             return
         logger.warning(message + " (logged once for keys shaped %r)", *args, shape[1])
 
-    def _not_stored(self, key: str, exc: BaseException) -> None:
+    def _not_stored(self, key: str, exc: BaseException, stats: Counters | None) -> None:
         """Count and log (once per key shape) a loaded value returned without being stored."""
-        counters = self.counters
-        counters.errors += 1
-        counters.not_stored += 1
+        for counters in (self.counters, stats):
+            if counters is not None:
+                counters.errors += 1
+                counters.not_stored += 1
         note_not_stored()
         self._log_once(
             f"store:{type(exc).__name__}",
@@ -493,9 +502,11 @@ class ReadThrough:
             exc,
         )
 
-    def _uncached(self, key: str, value: Uncached[Any]) -> None:
+    def _uncached(self, key: str, value: Uncached[Any], stats: Counters | None) -> None:
         """Count and log (once per key shape) a loaded value its loader asked not to store."""
         self.counters.not_stored += 1
+        if stats is not None:
+            stats.not_stored += 1
         note_not_stored()
         shape = _key_shape(key)
         if len(self._logged_uncached) < _MAX_SHAPES and shape not in self._logged_uncached:
@@ -506,7 +517,7 @@ class ReadThrough:
 
     # ------------------------------------------------------------------ the interface
 
-    def cached_nowait(self, key: str) -> Any:
+    def cached_nowait(self, key: str, stats: Counters | None = None) -> Any:
         """The value cached under ``key`` when it can be had without waiting: the backend
         reads without I/O (:class:`~tagcache.backends.base.NowaitReads`) and holds a plain,
         fresh entry. Otherwise :data:`NOT_FOUND` (nothing is counted then): the caller
@@ -524,6 +535,8 @@ class ReadThrough:
         except Exception:
             return NOT_FOUND  # load() reads it again, and counts, logs or raises what failed
         self.counters.hits += 1
+        if stats is not None:
+            stats.hits += 1
         return value
 
     async def load(self, request: LoadRequest[T]) -> T:
@@ -541,14 +554,18 @@ class ReadThrough:
         entry kept for ``policy.stale_if_error`` is returned if loading a fresh
         value fails.
         """
-        key, policy = request.key, request.policy
+        key, policy, stats = request.key, request.policy, request.stats
         counters = self.counters
         if DISABLED.get():
             counters.misses += 1
+            if stats is not None:
+                stats.misses += 1
             return await self._call(request)
         if self.pending and not await self.replay_pending():
             # A failed invalidation is not re-applied yet: the store may be stale.
             counters.misses += 1
+            if stats is not None:
+                stats.misses += 1
             return await self._call(request)
         backend, ns = self._backend, self._ns
         nowait = self._get_nowait
@@ -558,7 +575,7 @@ class ReadThrough:
             try:
                 payload = nowait(ns, key) if nowait is not None else await self._backend_get(ns, key)
             except BackendError as exc:
-                self._backend_failed(exc, policy)
+                self._backend_failed(exc, policy, stats)
                 return await self._call(request)
             if self._incident:
                 self._backend_recovered()
@@ -589,11 +606,13 @@ class ReadThrough:
                     await backend.delete(ns, key)
                     continue
             except BackendError as exc:
-                self._backend_failed(exc, policy)
+                self._backend_failed(exc, policy, stats)
                 return await self._call(request)
             if self._incident:
                 self._backend_recovered()
             counters.misses += 1
+            if stats is not None:
+                stats.misses += 1
             flight = self.flights.get(key)
             if (
                 flight is not None
@@ -607,6 +626,8 @@ class ReadThrough:
                 if deadline is None:
                     deadline = now + self._lease_ttl
                     counters.lock_waits += 1
+                    if stats is not None:
+                        stats.lock_waits += 1
                 joined = await self._join(request, flight, deadline - now, None)
                 if joined is _RETRY:
                     continue
@@ -618,12 +639,14 @@ class ReadThrough:
                 if deadline is None:
                     deadline = now + self._lease_ttl
                     counters.lock_waits += 1
+                    if stats is not None:
+                        stats.lock_waits += 1
                 elif now >= deadline:
                     return await self._stop_waiting(key, request)
                 try:
                     own = await self._await_fill(key, tags, deadline - now)
                 except BackendError as exc:
-                    self._backend_failed(exc, policy)
+                    self._backend_failed(exc, policy, stats)
                     return await self._call(request)
                 if own is None:
                     continue
@@ -651,7 +674,7 @@ class ReadThrough:
         except Exception as exc:
             if stale is None:
                 raise
-            return self._serve_stale(key, stale[0], exc)
+            return self._serve_stale(key, stale[0], exc, request.stats)
         if isinstance(shared, _Shared):
             return shared.value
         return self.decode(key, strip(shared))
@@ -663,13 +686,15 @@ class ReadThrough:
         Without the lease (another caller is refreshing the key) this call loads too,
         without storing, rather than wait: an expired value is not served without an error.
         """
-        key, policy = request.key, request.policy
+        key, policy, stats = request.key, request.policy, request.stats
         self.counters.misses += 1
+        if stats is not None:
+            stats.misses += 1
         self._follow_loop()
         try:
             lookup = await self._backend.lease(self._ns, key, request.tags, self._lease_ttl)
         except BackendError as exc:
-            self._backend_failed(exc, policy)
+            self._backend_failed(exc, policy, stats)
             return await self._load_or_stale(request, stale)
         if self._incident:
             self._backend_recovered()
@@ -693,13 +718,14 @@ class ReadThrough:
         try:
             return await self._call(request)
         except Exception as exc:
-            return self._serve_stale(request.key, stale, exc)
+            return self._serve_stale(request.key, stale, exc, request.stats)
 
-    def _serve_stale(self, key: str, stale: T, exc: Exception) -> T:
+    def _serve_stale(self, key: str, stale: T, exc: Exception, stats: Counters | None) -> T:
         """Count and log (once per key shape) an expired value served because loading failed."""
-        counters = self.counters
-        counters.stale_on_error += 1
-        counters.errors += 1
+        for counters in (self.counters, stats):
+            if counters is not None:
+                counters.stale_on_error += 1
+                counters.errors += 1
         self._log_once(
             "stale",
             key,
@@ -724,7 +750,7 @@ class ReadThrough:
             try:
                 return await asyncio.wait_for(request.call(), timeout)
             except asyncio.TimeoutError as exc:
-                raise self._timed_out(request.key, timeout) from exc
+                raise self._timed_out(request.key, timeout, request.stats) from exc
         scope = asyncio.timeout(timeout)
         try:
             async with scope:
@@ -732,12 +758,13 @@ class ReadThrough:
         except TimeoutError as exc:
             if not scope.expired():
                 raise  # the loader's own TimeoutError
-            raise self._timed_out(request.key, timeout) from exc
+            raise self._timed_out(request.key, timeout, request.stats) from exc
 
-    def _timed_out(self, key: str, timeout: float) -> TimeoutError:
-        counters = self.counters
-        counters.timeouts += 1
-        counters.errors += 1
+    def _timed_out(self, key: str, timeout: float, stats: Counters | None) -> TimeoutError:
+        for counters in (self.counters, stats):
+            if counters is not None:
+                counters.timeouts += 1
+                counters.errors += 1
         return TimeoutError(f"loading key {key!r} took longer than timeout={timeout:g} s; it was cancelled")
 
     async def recompute(self, request: LoadRequest[T]) -> tuple[T] | None:
@@ -761,16 +788,16 @@ class ReadThrough:
             raise
         if isinstance(value, Uncached):
             self._release_soon(key, lease)
-            self._uncached(key, value)
+            self._uncached(key, value, request.stats)
             return (value,)
         loaded = self._prepare(request, value, max(0.0, self._clock() - started))
         if loaded.problem is not None:
             self._release_soon(key, lease)
             if self._strict_now():
                 raise loaded.problem
-            self._not_stored(key, loaded.problem)
+            self._not_stored(key, loaded.problem, request.stats)
             return (value,)
-        await self._store(key, loaded, request.tags, lookup, lease)
+        await self._store(key, loaded, request.tags, lookup, lease, request.stats)
         return (value,)
 
     # ------------------------------------------------------------------ the engine
@@ -785,7 +812,7 @@ class ReadThrough:
             decode = self.decode_payload
             value = decode(data) if decode is not None else self.decode_bound(request.key, data)
         except Exception as exc:
-            self.corrupt(request.key, exc)
+            self.corrupt(request.key, exc, request.stats)
             return _MISS
         if enveloped:
             expires_at, delta = META.unpack_from(payload, 1)
@@ -801,6 +828,9 @@ class ReadThrough:
                 if policy.due(expires_at, delta, now):
                     self._refresh_soon(request, expires_at)
         self.counters.hits += 1
+        stats = request.stats
+        if stats is not None:
+            stats.hits += 1
         return value
 
     async def _await_fill(self, key: str, tags: tuple[str, ...], timeout: float) -> Lookup | None:
@@ -846,6 +876,8 @@ class ReadThrough:
     async def _stop_waiting(self, key: str, request: LoadRequest[T]) -> T:
         """Load without storing: this call waited ``lease_ttl`` for others' loads of ``key``."""
         self.counters.errors += 1
+        if request.stats is not None:
+            request.stats.errors += 1
         self._log_once(
             "wait",
             key,
@@ -880,13 +912,13 @@ class ReadThrough:
                         # The next caller should find the lease free and try the source
                         # itself, not load without storing behind this failed attempt.
                         await asyncio.shield(released)
-                    return self._serve_stale(key, stale[0], exc)
+                    return self._serve_stale(key, stale[0], exc, request.stats)
                 raise
             if isinstance(value, Uncached):
                 flight.future.set_result(_Shared(value))
                 if lease is not None:
                     self._release_soon(key, lease)
-                self._uncached(key, value)
+                self._uncached(key, value, request.stats)
                 return value
             loaded = self._prepare(request, value, max(0.0, self._clock() - started))
             problem = loaded.problem
@@ -903,9 +935,9 @@ class ReadThrough:
         if problem is not None:
             if lease is not None:
                 self._release_soon(key, lease)
-            self._not_stored(key, problem)
+            self._not_stored(key, problem, request.stats)
         elif lease is not None:
-            await self._store(key, loaded, tags, lookup, lease)
+            await self._store(key, loaded, tags, lookup, lease, request.stats)
         return value
 
     def _prepare(self, request: LoadRequest[T], value: T, delta: float) -> _Loaded:
@@ -932,7 +964,13 @@ class ReadThrough:
         return _Loaded(payload, policy.physical_ttl(seconds, delta), extra, problem)
 
     async def _store(
-        self, key: str, loaded: _Loaded, tags: tuple[str, ...], lookup: Lookup, lease: str
+        self,
+        key: str,
+        loaded: _Loaded,
+        tags: tuple[str, ...],
+        lookup: Lookup,
+        lease: str,
+        stats: Counters | None,
     ) -> bool:
         """Compare-and-set ``loaded`` under ``lease``; return whether it was stored.
 
@@ -964,7 +1002,7 @@ class ReadThrough:
             raise
         except Exception as exc:
             self._release_soon(key, lease)
-            self._not_stored(key, exc)
+            self._not_stored(key, exc, stats)
             return False
         if stored:
             self.counters.sets += 1
@@ -993,14 +1031,18 @@ class ReadThrough:
                 refreshed[request.key] = expires_at
         except Exception:
             self.counters.errors += 1
+            if request.stats is not None:
+                request.stats.errors += 1
             logger.warning("tagcache: background refresh of key %r failed", request.key, exc_info=True)
         finally:
             self._refreshing.discard(request.key)
 
-    def _backend_failed(self, exc: BackendError, policy: LoadPolicy) -> None:
+    def _backend_failed(self, exc: BackendError, policy: LoadPolicy, stats: Counters | None) -> None:
         """Count a backend failure; re-raise it unless the policy fails open, in which
         case log it once per incident (until the backend answers again)."""
         self.counters.errors += 1
+        if stats is not None:
+            stats.errors += 1
         if not policy.fail_open:
             raise exc
         if not self._incident:

@@ -10,7 +10,15 @@ from typing import Any, Final
 
 from tagcache.backends.base import BackendInfo
 
-__all__ = ["CacheStats", "Counters", "WriteCount", "count_writes", "note_not_stored", "note_write"]
+__all__ = [
+    "CacheStats",
+    "Counters",
+    "FunctionStats",
+    "WriteCount",
+    "count_writes",
+    "note_not_stored",
+    "note_write",
+]
 
 
 class WriteCount:
@@ -215,4 +223,56 @@ class CacheStats:
             "evictions": self.evictions,
             "backend": dict(self.backend),
             "health": dict(self.health),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionStats:
+    """The read-path counters of one cached function (:meth:`tagcache.Cache.function_stats`).
+
+    Counted for a ``@cache.cached`` function (named ``module.qualname``) and for the
+    query and response caches' loads, besides the cache's own totals in
+    :class:`CacheStats`. ``errors`` are this function's calls' own: backend
+    failures met by its reads, corrupt payloads it read, values not stored,
+    timeouts, stale values served, waits given up; background refreshes that
+    failed. ``hit_ratio`` is ``hits / (hits + misses)``, ``0.0`` before the first call.
+    """
+
+    hits: int
+    misses: int
+    lock_waits: int
+    errors: int
+    not_stored: int
+    stale_on_error: int
+    timeouts: int
+    hit_ratio: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        total = self.hits + self.misses
+        object.__setattr__(self, "hit_ratio", self.hits / total if total else 0.0)
+
+    @classmethod
+    def from_counters(cls, counters: Counters) -> FunctionStats:
+        """Snapshot a function's :class:`Counters`."""
+        return cls(
+            hits=counters.hits,
+            misses=counters.misses,
+            lock_waits=counters.lock_waits,
+            errors=counters.errors,
+            not_stored=counters.not_stored,
+            stale_on_error=counters.stale_on_error,
+            timeouts=counters.timeouts,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The snapshot as a JSON-ready dict, ``hit_ratio`` included."""
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_ratio": self.hit_ratio,
+            "lock_waits": self.lock_waits,
+            "errors": self.errors,
+            "not_stored": self.not_stored,
+            "stale_on_error": self.stale_on_error,
+            "timeouts": self.timeouts,
         }

@@ -9,8 +9,11 @@
     app.mount("/metrics", metrics_app())            # or prometheus_client.make_asgi_app()
 
 The collector reads each cache's in-process counters when Prometheus scrapes, so
-a cache hit costs nothing more. Every metric has one label, ``namespace`` (the
-cache's namespace, a bounded set); keys and tags never appear in the metrics.
+a cache hit costs nothing more. Every metric has the label ``namespace`` (the
+cache's namespace, a bounded set); the per-function ones also have ``function``
+(a decorated function's ``module.qualname``, ``tagcache.QueryCache`` or
+``tagcache.ResponseCache``; at most 1,000 names per cache, see
+:meth:`~tagcache.Cache.function_counters`). Keys and tags never appear in the metrics.
 
 Metrics (counters since the cache was created or its :meth:`~tagcache.Cache.reset_stats`,
 which Prometheus sees as a counter reset):
@@ -25,6 +28,13 @@ which Prometheus sees as a counter reset):
   current ratio use ``rate(tagcache_hits_total[5m]) / (rate(tagcache_hits_total[5m])
   + rate(tagcache_misses_total[5m]))``
 * ``tagcache_pending_invalidations`` (gauge) — failed invalidations waiting to be re-applied
+* per cached function (labels ``namespace``, ``function``), counted besides the totals above:
+  ``tagcache_function_hits_total``, ``tagcache_function_misses_total``,
+  ``tagcache_function_lock_waits_total``, ``tagcache_function_errors_total``,
+  ``tagcache_function_not_stored_total``, ``tagcache_function_stale_on_error_total``,
+  ``tagcache_function_timeouts_total``; a function's hit ratio is
+  ``rate(tagcache_function_hits_total[5m]) / (rate(tagcache_function_hits_total[5m])
+  + rate(tagcache_function_misses_total[5m]))``
 * for a backend with a circuit breaker (Redis): ``tagcache_backend_breaker_state``
   (gauge, label ``state``: ``closed``, ``open``, ``half-open``; 1 for the current one)
   and ``tagcache_backend_breaker_opened_total``
@@ -72,8 +82,37 @@ _COUNTERS: Final = (
     ("tagcache_timeouts", "timeouts", "Loader calls stopped by their timeout."),
     ("tagcache_lock_waits", "lock_waits", "Misses that waited for another caller's load of the key."),
 )
+#: Per cached function (labels ``namespace`` and ``function``): (metric name without
+#: ``_total``, Counters attribute, help text).
+_FUNCTION_COUNTERS: Final = (
+    ("tagcache_function_hits", "hits", "Reads of a cached function that found a value."),
+    ("tagcache_function_misses", "misses", "Reads of a cached function that found no usable value."),
+    (
+        "tagcache_function_lock_waits",
+        "lock_waits",
+        "Misses of a cached function that waited for another caller's load of the key.",
+    ),
+    (
+        "tagcache_function_errors",
+        "errors",
+        "Errors met by a cached function's calls (backend failures, corrupt payloads, values not stored, "
+        "timeouts, stale values served, waits given up, failed background refreshes).",
+    ),
+    (
+        "tagcache_function_not_stored",
+        "not_stored",
+        "A cached function's loaded values returned but not stored.",
+    ),
+    (
+        "tagcache_function_stale_on_error",
+        "stale_on_error",
+        "Expired values of a cached function served because its source failed.",
+    ),
+    ("tagcache_function_timeouts", "timeouts", "A cached function's loads stopped by their timeout."),
+)
 _BREAKER_STATES: Final = ("closed", "open", "half-open")
 _LABELS: Final = ["namespace"]
+_FUNCTION_LABELS: Final = ["namespace", "function"]
 
 
 class CacheCollector(Collector):
@@ -129,6 +168,8 @@ class CacheCollector(Collector):
         """The metric families (without samples), for the registry's duplicate check."""
         for name, _, doc in _COUNTERS:
             yield CounterMetricFamily(name, doc, labels=_LABELS)
+        for name, _, doc in _FUNCTION_COUNTERS:
+            yield CounterMetricFamily(name, doc, labels=_FUNCTION_LABELS)
         yield from self._gauges()
         yield CounterMetricFamily(
             "tagcache_backend_breaker_opened", "Times the backend's circuit breaker opened.", labels=_LABELS
@@ -157,6 +198,10 @@ class CacheCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Read every cache's counters now and yield them as metric families."""
         counters = {name: CounterMetricFamily(name, doc, labels=_LABELS) for name, _, doc in _COUNTERS}
+        per_function = {
+            name: CounterMetricFamily(name, doc, labels=_FUNCTION_LABELS)
+            for name, _, doc in _FUNCTION_COUNTERS
+        }
         ratio, pending = self._gauges()
         opened = CounterMetricFamily(
             "tagcache_backend_breaker_opened", "Times the backend's circuit breaker opened.", labels=_LABELS
@@ -175,6 +220,10 @@ class CacheCollector(Collector):
             reads = figures.hits + figures.misses
             ratio.add_metric(ns, figures.hits / reads if reads else 0.0)
             pending.add_metric(ns, float(len(engine.pending)))
+            for function, function_stats in cache.function_stats().items():
+                labels = [cache.namespace, function]
+                for name, attribute, _ in _FUNCTION_COUNTERS:
+                    per_function[name].add_metric(labels, float(getattr(function_stats, attribute)))
             health = _health(cache)
             if health is not None:
                 current = health.get("breaker")
@@ -185,6 +234,7 @@ class CacheCollector(Collector):
                 if isinstance(times, int):
                     opened.add_metric(ns, float(times))
         yield from counters.values()
+        yield from per_function.values()
         yield ratio
         yield pending
         if opened.samples:

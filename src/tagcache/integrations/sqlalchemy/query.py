@@ -196,6 +196,7 @@ class QueryCache:
         if fail_open not in (None, True, False):
             raise ConfigurationError(f"fail_open must be True, False or None, got {fail_open!r}")
         self._cache = cache
+        self._stats = cache.function_counters("tagcache.QueryCache")
         self._default_ttl = ttl_seconds(default_ttl, what="default_ttl")
         self._max_rows = max_rows
         self._fail_open = fail_open
@@ -309,7 +310,9 @@ class QueryCache:
             except NotCacheable as exc:
                 return Uncached(None, exc.reason)
 
-        value = await self._cache.engine.load(LoadRequest(key, load, ttl, all_tags, self._policy()))
+        value = await self._cache.engine.load(
+            LoadRequest(key, load, ttl, all_tags, self._policy(), stats=self._stats)
+        )
         if executed:
             return executed[-1]()  # this caller ran the statement: its own objects
         if isinstance(value, Uncached):

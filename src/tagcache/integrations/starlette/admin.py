@@ -12,7 +12,8 @@
 Works mounted in a Starlette or a FastAPI app (it needs only Starlette, extra
 ``tagcache[starlette]``). The endpoints, relative to the mount point:
 
-* ``GET /stats`` — the cache's :class:`~tagcache.CacheStats` (``as_dict()``) and its namespace.
+* ``GET /stats`` — the cache's :class:`~tagcache.CacheStats` (``as_dict()``), its namespace,
+  and ``functions``: per cached function, its :class:`~tagcache.FunctionStats`.
 * ``POST /clear`` — :meth:`~tagcache.Cache.clear`: removes this namespace's entries, nothing else.
 * ``POST /clear-tags`` with the JSON body ``{"tags": ["user:1", ...]}`` —
   :meth:`~tagcache.Cache.invalidate_tags`.
@@ -320,7 +321,8 @@ class CacheAdmin:
     async def _stats(self, request: Request) -> Response:
         """GET /stats: the cache's counters and backend figures."""
         stats = await self._run(self.cache.stats)
-        return _json_response({"namespace": self.cache.namespace, **stats.as_dict()})
+        functions = {name: f.as_dict() for name, f in self.cache.function_stats().items()}
+        return _json_response({"namespace": self.cache.namespace, **stats.as_dict(), "functions": functions})
 
     @_handled
     async def _clear(self, request: Request) -> Response:

@@ -353,6 +353,8 @@ class ResponseCache:
         self._routes: dict[Any, _RouteSpec] = {}
         self._policies: dict[tuple[float, float, bool], LoadPolicy] = {}
         self._logged: set[str] = set()
+        #: This response cache's counters in ``cache.function_stats()``.
+        self.stats = cache.function_counters("tagcache.ResponseCache")
 
     @staticmethod
     def _positive(ttl: object, what: str) -> float:
@@ -1018,6 +1020,7 @@ class ResponseCacheMiddleware:
             target.tags,
             rc._policy(shape.swr, shape.sie),
             args=(x,),
+            stats=rc.stats,
         )
         engine = rc.cache.engine
         try:
