@@ -699,8 +699,11 @@ async def wait_for(awaitable: Awaitable[Any]) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+async def serve(app: ASGIApp, *, date_header: bool = True) -> AsyncIterator[str]:
+    """Run ``app`` on uvicorn on a free loopback port; yield its base URL."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", date_header=date_header
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

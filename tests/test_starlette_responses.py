@@ -684,3 +684,40 @@ async def test_a_paused_redis_lets_requests_through_to_the_app(redis_process: An
         assert len(calls) == 2
     finally:
         await cache.aclose()
+
+
+# ---------------------------------------------------------------------------- on a real server
+
+
+@pytest.mark.parametrize("date", [False, True])
+async def test_on_uvicorn_every_response_has_one_date_and_a_hit_its_original_one_with_date(
+    cache: Cache, clock: Clock, date: bool
+) -> None:
+    """``date=True`` with uvicorn's ``date_header=False``; the default with uvicorn's own ``Date``."""
+    import email.utils
+
+    from tests.test_starlette_cache_control import serve
+
+    clock.now = time.time()
+    responses = ResponseCache(cache, ttl=60, clock=clock, date=date)
+    calls: list[int] = []
+
+    @responses.cached(tags=["items"])
+    async def item(request: StarletteRequest) -> Response:
+        calls.append(1)
+        return PlainTextResponse("item")
+
+    app = Starlette(routes=[Route("/item", item)])
+    app.add_middleware(ResponseCacheMiddleware, responses=responses)
+    async with serve(app, date_header=not date) as base, httpx.AsyncClient(base_url=base, timeout=10) as http:
+        miss = await http.get("/item")
+        clock.now += 7
+        hit = await http.get("/item")
+        head = await http.head("/item")
+    assert len(calls) == 1
+    assert hit.headers["age"] == head.headers["age"] == "7"
+    for response in (miss, hit, head):
+        assert len(response.headers.get_list("date")) == 1
+    if date:
+        assert hit.headers["date"] == head.headers["date"] == miss.headers["date"]
+        assert email.utils.parsedate_to_datetime(miss.headers["date"]).timestamp() == int(clock.now - 7)
