@@ -18,9 +18,10 @@ import pytest
 from tagcache import Cache
 from tagcache.backends import Backend, MemoryBackend
 
+from tests.redis_cluster import Cluster, cluster_binaries_available, start_cluster
 from tests.redis_server import RedisProcess, redis_server, redis_server_available
 
-BACKEND_KINDS = ("memory", "fakeredis", "redis")
+BACKEND_KINDS = ("memory", "fakeredis", "redis", "cluster")
 _REQUIRE = os.environ.get("TAGCACHE_REQUIRE_REDIS", "") not in ("", "0")
 _counter = itertools.count()
 
@@ -43,6 +44,24 @@ def redis_url() -> Iterator[str]:
         no_redis("no real Redis: set TAGCACHE_TEST_REDIS_URL or put redis-server on PATH")
     with redis_server() as port:
         yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """A local Redis Cluster of 3 primaries for the whole test session (stopped at its end)."""
+    if not cluster_binaries_available():
+        no_redis("redis-server and redis-cli are needed for a local Redis Cluster")
+    cluster = start_cluster(3, 0)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: Cluster) -> str:
+    """``redis+cluster://`` URL of the session's local Redis Cluster."""
+    return f"redis+cluster://127.0.0.1:{redis_cluster.port}/"
 
 
 @pytest.fixture
@@ -106,6 +125,8 @@ async def make_backend(
     made: list[Any] = []
     fake_server: Any = None
     url = request.getfixturevalue("redis_url") if backend_kind == "redis" else None
+    if backend_kind == "cluster":
+        url = request.getfixturevalue("redis_cluster_url")
 
     def factory(*, clock: Callable[[], float] | None = None, **options: Any) -> Backend:
         nonlocal fake_server
@@ -122,6 +143,12 @@ async def make_backend(
             client = fakeredis.FakeAsyncRedis(server=fake_server)
             made.append(client)
             backend = RedisBackend(client, **options)
+        elif backend_kind == "cluster":
+            from tagcache.backends.cluster import RedisClusterBackend
+
+            assert url is not None
+            options.setdefault("socket_timeout", 5.0)
+            backend = RedisClusterBackend.from_url(url, **options)
         else:
             from tagcache.backends.redis import RedisBackend
 

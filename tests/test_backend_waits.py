@@ -349,8 +349,9 @@ async def test_lease_on_a_stored_entry_is_granted_once_with_a_token_snapshot(
     first = await backend.lease(ns, "k", TAGS, LEASE)
     assert first.payload is None and first.lease is not None
     assert len(first.tokens) == len(TAGS)
-    # The snapshot is the tags' current tokens: a miss of another key with those tags sees the same.
-    other = await backend.fetch(ns, "other", TAGS, LEASE)
+    # The snapshot is the tags' current tokens: a miss of another key with those tags (in the
+    # same bucket: each bucket has tokens of its own) sees the same.
+    other = await backend.fetch(ns, same_bucket_key(backend, "k"), TAGS, LEASE)
     assert other.tokens == first.tokens
     second = await backend.lease(ns, "k", TAGS, LEASE)
     assert second.lease is None and second.tokens == first.tokens
@@ -556,3 +557,12 @@ async def test_watch_works_over_decoding_clients(decoding_pair: tuple[RedisBacke
         assert await asyncio.wait_for(task, PATIENCE) is True
     assert (await waiter.fetch(ns, key, TAGS, LEASE)).payload == b"\xffbinary"
     await holder.clear(ns)
+
+
+def same_bucket_key(backend: Backend, key: str) -> str:
+    """Another key in ``key``'s bucket of ``backend`` (one with ``buckets``, else any key)."""
+    from tagcache.backends.redis import bucket_index
+
+    buckets = getattr(backend, "buckets", 1)
+    wanted = bucket_index(key.encode(), buckets)
+    return next(f"other{n}" for n in range(100_000) if bucket_index(f"other{n}".encode(), buckets) == wanted)

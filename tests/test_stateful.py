@@ -70,6 +70,11 @@ def make_machine(kind: str, redis_url: str | None) -> type[RuleBasedStateMachine
                     client = self.run(make_client())
                     self.closers.append(client)
                     backend = RedisBackend(client)
+                elif kind == "cluster":
+                    from tagcache.backends.cluster import RedisClusterBackend
+
+                    assert redis_url is not None
+                    backend = RedisClusterBackend.from_url(redis_url, socket_timeout=5.0)
                 else:
                     assert redis_url is not None
 
@@ -202,8 +207,8 @@ def make_machine(kind: str, redis_url: str | None) -> type[RuleBasedStateMachine
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", BACKEND_KINDS)
 def test_cache_matches_model(kind: str, request: pytest.FixtureRequest) -> None:
-    url = request.getfixturevalue("redis_url") if kind == "redis" else None
-    machine = make_machine(kind, url)
+    url = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(kind)
+    machine = make_machine(kind, None if url is None else request.getfixturevalue(url))
     examples = 200 if kind == "memory" else 40
     run_state_machine_as_test(
         machine,

@@ -138,8 +138,15 @@ def backend_from_url(url: str) -> Backend:
                 f"{url.split('://')[0]}:// needs redis-py: pip install 'tagcache[redis]'"
             ) from exc
         return RedisBackend.from_url(url)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        try:
+            from tagcache.backends.cluster import RedisClusterBackend
+        except ImportError as exc:
+            raise ConfigurationError(f"{scheme}:// needs redis-py: pip install 'tagcache[redis]'") from exc
+        return RedisClusterBackend.from_url(url)
     raise ConfigurationError(
-        f"unknown cache URL scheme {scheme!r} in {url!r}; use memory://, redis://, rediss:// or unix://"
+        f"unknown cache URL scheme {scheme!r} in {url!r}; use memory://, redis://, rediss://, unix://, "
+        "redis+cluster:// or rediss+cluster://"
     )
 
 

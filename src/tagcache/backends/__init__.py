@@ -4,8 +4,8 @@
 :class:`SupportsPeek`, :class:`SupportsKeys`, :class:`SupportsInfo`,
 :class:`NowaitReads` and :class:`HealthReporting` are optional capabilities.
 
-``RedisBackend`` needs redis-py (``pip install 'tagcache[redis]'``); it is
-imported on first access, so this package imports without redis installed.
+``RedisBackend`` and ``RedisClusterBackend`` need redis-py (``pip install 'tagcache[redis]'``);
+they are imported on first access, so this package imports without redis installed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tagcache.backends.breaker import CircuitBreaker
 from tagcache.backends.memory import MemoryBackend
 
 if TYPE_CHECKING:
+    from tagcache.backends.cluster import RedisClusterBackend
     from tagcache.backends.redis import RedisBackend
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "MemoryBackend",
     "NowaitReads",
     "RedisBackend",
+    "RedisClusterBackend",
     "SupportsInfo",
     "SupportsKeys",
     "SupportsPeek",
@@ -54,4 +56,8 @@ def __getattr__(name: str) -> Any:
         from tagcache.backends.redis import RedisBackend
 
         return RedisBackend
+    if name == "RedisClusterBackend":
+        from tagcache.backends.cluster import RedisClusterBackend
+
+        return RedisClusterBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -94,7 +94,7 @@ import os
 import re
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from hashlib import sha1
 from importlib import resources
 from types import TracebackType
@@ -104,8 +104,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as redis_exceptions
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import (
+    AskError,
+    ClusterCrossSlotError,
+    ClusterDownError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tagcache.backends._signals import KeySignal, SignalWatch
@@ -134,6 +142,8 @@ _RETRY_FIRST: Final = 0.05
 _RETRY_FOR: Final = 60.0
 # Options of RedisBackend.from_url read from the URL's query (not redis-py's).
 _URL_OPTIONS: Final = ("breaker_failures", "breaker_cooldown")
+# Redis Cluster replies saying a command ran nowhere (MovedError is an AskError).
+_CLUSTER_REPLIES: Final = (AskError, ClusterCrossSlotError, ClusterDownError, TryAgainError)
 # SCAN batch size and the most keys one UNLINK removes.
 _SCAN_COUNT: Final = 500
 # A token a fetch creates lives this much longer than the lease.
@@ -403,6 +413,17 @@ class _Bucket:
         return packed
 
 
+def bucket_index(key: bytes, buckets: int) -> int:
+    """The bucket of a namespace that ``key`` (encoded) belongs to, out of ``buckets``."""
+    return 0 if buckets == 1 else zlib.crc32(key) % buckets
+
+
+def bucket_hash_tag(ns: str, b: int) -> bytes:
+    """The hash tag of bucket ``b`` of namespace ``ns``: every key of the bucket has it,
+    so the bucket lives in one Redis Cluster slot (``redis.crc.key_slot`` of it)."""
+    return b"{%b:%d}" % (ns.encode(), b)
+
+
 def _channel(ns: bytes) -> bytes:
     """The channel on which fills of waited-for keys of namespace ``ns`` are signalled."""
     return b"tc:{%b}:fills" % ns
@@ -418,7 +439,8 @@ class _Space:
         self.buckets = [_Bucket(raw, b, scripts) for b in range(buckets)]
         escaped = glob_escape(ns).encode()
         self.scan_prefix = b"tc:{%b:%b}:" % (escaped, b"0" if buckets == 1 else b"*")
-        self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"[0-9]+\}:([etlwv]):(.*)\Z", re.S)
+        # Groups: the kind of key, the rest (the cache key, tag, ...), the bucket.
+        self.key_re = re.compile(re.escape(b"tc:{" + raw + b":") + rb"([0-9]+)\}:([etlwv]):(.*)\Z", re.S)
 
 
 class _Link:
@@ -585,6 +607,11 @@ class RedisBackend:
         guarding the server; by default one that opens after 3 consecutive
         failed calls and probes again after 1 s. While it is open every
         call raises :class:`tagcache.BackendUnavailableError` at once.
+    :param bucket_filter: ``(namespace, bucket) -> bool``, whether this server
+        holds that bucket (``None``: all of them). Set by
+        :class:`~tagcache.backends.cluster.RedisClusterBackend` for the backend
+        of each primary of a Redis Cluster, so :meth:`invalidate` and the
+        server checks touch only the buckets of the server's own slots.
 
     Reads: an entry key holding foreign data (a type other than a hash)
     makes :meth:`get` return ``b""``, which the cache counts as an error
@@ -624,6 +651,7 @@ class RedisBackend:
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         breaker: CircuitBreaker | None = None,
+        bucket_filter: Callable[[str, int], bool] | None = None,
     ) -> None:
         if type(buckets) is not int or buckets < 1:
             raise ConfigurationError(f"buckets must be a positive int, got {buckets!r}")
@@ -642,6 +670,12 @@ class RedisBackend:
             raise ConfigurationError(
                 f"RedisBackend needs a redis.asyncio.Redis client with a connection pool, "
                 f"got {type(client).__name__}"
+                + (
+                    "; for a Redis Cluster use tagcache.backends.RedisClusterBackend(client) "
+                    "or a redis+cluster:// URL"
+                    if isinstance(client, aioredis.RedisCluster)
+                    else ""
+                )
             )
         self._client = client
         # The client's pool, used under the backend's first event loop.
@@ -650,6 +684,7 @@ class RedisBackend:
         self._connect_timeout = float(connect_timeout)
         self._breaker = breaker if breaker is not None else CircuitBreaker(name=_describe(pool))
         self._buckets = buckets
+        self._bucket_filter = bucket_filter
         self._owns = owns_client
         self._spaces: dict[str, _Space] = {}
         # Most connections held at once (per event loop).
@@ -745,6 +780,11 @@ class RedisBackend:
         return self._st.held
 
     @property
+    def buckets(self) -> int:
+        """Buckets per namespace (each has its own tag tokens)."""
+        return self._buckets
+
+    @property
     def breaker(self) -> CircuitBreaker:
         """The circuit breaker guarding this backend's server."""
         return self._breaker
@@ -792,7 +832,14 @@ class RedisBackend:
         space = self._spaces.get(ns) or self._space(ns)
         if self._buckets == 1:
             return space.buckets[0]
-        return space.buckets[zlib.crc32(key) % self._buckets]
+        return space.buckets[bucket_index(key, self._buckets)]
+
+    def _own_buckets(self, ns: str, space: _Space) -> list[_Bucket]:
+        """The buckets of ``space`` this server holds: all of them, unless ``bucket_filter`` says."""
+        keep = self._bucket_filter
+        if keep is None:
+            return space.buckets
+        return [bucket for b, bucket in enumerate(space.buckets) if keep(ns, b)]
 
     # -- event loops -----------------------------------------------------------
 
@@ -933,7 +980,7 @@ class RedisBackend:
         alone first and loads the others only once it ran.
         """
         known, rechecks = len(self._spaces), self._rechecks
-        buckets = [(ns, b) for ns, space in list(self._spaces.items()) for b in space.buckets]
+        buckets = [(ns, b) for ns, space in list(self._spaces.items()) for b in self._own_buckets(ns, space)]
         failure: ResponseError | None = None
         for _attempt in range(3):
             scripts = self._scripts
@@ -958,6 +1005,9 @@ class RedisBackend:
             failure = failures[0]
             if all(isinstance(f, NoScriptError) for f in failures):
                 continue  # the script cache was flushed between our commands: again
+            cluster = next((f for f in failures if isinstance(f, _CLUSTER_REPLIES)), None)
+            if cluster is not None:
+                raise cluster  # a Redis Cluster redirection (MOVED, ...): nothing about the scripts
             if scripts is not _FLAGGED:
                 raise failure
             self._use_scripts(_PLAIN)  # the server rejects the shebang
@@ -1833,8 +1883,11 @@ class RedisBackend:
         if not tags:
             return
         encoded = [t.encode() for t in tags]
-        cmds = [_pack(b"DEL", *[b.token + t for t in encoded], b.epoch) for b in self._space(ns).buckets]
-        await self._call("invalidate", None, cmds)
+        buckets = self._own_buckets(ns, self._space(ns))
+        if buckets:
+            await self._call(
+                "invalidate", None, [_pack(b"DEL", *[b.token + t for t in encoded], b.epoch) for b in buckets]
+            )
 
     async def peek(self, ns: str, key: str) -> EntryInfo | None:
         """Return the stored entry with its remaining TTL, tags and validity, or ``None``.
@@ -1877,7 +1930,7 @@ class RedisBackend:
             for raw in found:
                 m = space.key_re.match(raw)
                 if m is not None:
-                    batch.append((m.group(1), raw, m.group(2)))
+                    batch.append((m.group(2), raw, m.group(3)))
             yield batch
             if cursor in (b"0", 0):
                 return
@@ -1891,15 +1944,15 @@ class RedisBackend:
         space = self._space(ns)
         removed = 0
         async for batch in self._scan("clear", ns, space.scan_prefix + b"*"):
-            entries = [raw for kind, raw, _ in batch if kind == b"e"]
-            others = [raw for kind, raw, _ in batch if kind != b"e"]
-            cmds = [
-                _pack(b"UNLINK", *entries[i : i + _SCAN_COUNT]) for i in range(0, len(entries), _SCAN_COUNT)
-            ]
+            # One UNLINK per bucket (one Cluster slot each), entries apart: their count is returned.
+            entries: dict[bytes, list[bytes]] = {}
+            others: dict[bytes, list[bytes]] = {}
+            for kind, raw, _ in batch:
+                bucket = raw[: raw.index(b"}")]
+                (entries if kind == b"e" else others).setdefault(bucket, []).append(raw)
+            cmds = [_pack(b"UNLINK", *group) for group in entries.values()]
             n_entry_cmds = len(cmds)
-            cmds += [
-                _pack(b"UNLINK", *others[i : i + _SCAN_COUNT]) for i in range(0, len(others), _SCAN_COUNT)
-            ]
+            cmds += [_pack(b"UNLINK", *group) for group in others.values()]
             if cmds:
                 replies = await self._call("clear", None, cmds)
                 removed += sum(int(r) for r in replies[:n_entry_cmds])
