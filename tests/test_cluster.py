@@ -1,0 +1,243 @@
+"""``RedisClusterBackend`` on a real local Redis Cluster: routing, every-primary operations,
+URLs, and a primary that hangs and is replaced by its replica.
+
+The contract suite, the backend wait tests, the stateful test and the stale-read test
+also run on the cluster (backend kind ``cluster`` in ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tagcache import BackendError, Cache, ConfigurationError
+from tagcache.backends import Backend, RedisBackend
+from tagcache.backends.cluster import RedisClusterBackend
+from tagcache.backends.redis import bucket_hash_tag, bucket_index
+
+from tests.conftest import no_redis, unique_namespace
+from tests.redis_cluster import Cluster, ClusterNode, cluster_binaries_available, start_cluster
+
+#: Generous bound for a call while a primary hangs: its socket timeout is 0.5 s.
+SLOW_CALL = 3.0
+
+
+def primary_of(cluster: Cluster, ns: str, key: str, buckets: int = 64) -> ClusterNode:
+    """The node serving ``key``'s bucket (as of the cluster's last refresh)."""
+    return cluster.node_for_key(bucket_hash_tag(ns, bucket_index(key.encode(), buckets)))
+
+
+# ---------------------------------------------------------------- URLs and construction
+
+
+def test_from_url_reads_hosts_credentials_and_options() -> None:
+    backend = RedisClusterBackend.from_url(
+        "redis+cluster://user:p%40ss@127.0.0.1:7000,127.0.0.1:7001/?buckets=16&socket_timeout=0.2"
+        "&breaker_failures=5&max_connections=7"
+    )
+    assert backend.buckets == 16
+    health = backend.health()
+    assert health["socket_timeout"] == 0.2 and health["breaker"] == "closed"
+    tls = Cache.from_url("rediss+cluster://127.0.0.1:7000/", namespace="x")
+    assert isinstance(tls.backend, RedisClusterBackend)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+cluster://127.0.0.1:7000/?bukets=4", "unknown parameter"),
+        ("redis+cluster://127.0.0.1:7000/2", "database 0 only"),
+        ("redis+cluster://127.0.0.1:x/", "invalid host:port"),
+        ("redis+cluster://127.0.0.1:7000/?buckets=0", "buckets must be an int from 1 to 4096"),
+        ("redis+cluster://127.0.0.1:7000/?socket_timeout=soon", "must be a number"),
+    ],
+)
+def test_bad_urls_say_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RedisClusterBackend.from_url(url)
+
+
+def test_a_cluster_client_given_to_redis_backend_names_the_cluster_backend() -> None:
+    client = aioredis.RedisCluster(host="127.0.0.1", port=7000)
+    with pytest.raises(ConfigurationError, match="RedisClusterBackend"):
+        RedisBackend(client)
+
+
+# ---------------------------------------------------------------- on the session's cluster
+
+
+@pytest.fixture
+async def cluster_backend(redis_cluster_url: str) -> AsyncIterator[RedisClusterBackend]:
+    backend = RedisClusterBackend.from_url(redis_cluster_url, socket_timeout=5.0)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+async def test_a_redis_cluster_client_can_be_given(redis_cluster: Cluster) -> None:
+    client = aioredis.RedisCluster(host="127.0.0.1", port=redis_cluster.port)
+    backend = RedisClusterBackend(client)
+    cache = Cache(backend, namespace=unique_namespace("given"))
+    try:
+        await cache.set("k", 1, tags=["t"])
+        assert await cache.get("k") == 1
+    finally:
+        await cache.clear()
+        await cache.aclose()
+        await client.aclose()
+
+
+async def test_a_namespace_spreads_over_every_primary_and_clear_reaches_them_all(
+    redis_cluster: Cluster, cluster_backend: RedisClusterBackend
+) -> None:
+    ns, other = unique_namespace("spread"), unique_namespace("other")
+    cache = Cache(cluster_backend, namespace=ns, owns_backend=False)
+    neighbour = Cache(cluster_backend, namespace=other, owns_backend=False)
+    keys = [f"k{n}" for n in range(200)]
+    for key in keys:
+        await cache.set(key, key, tags=["all"])
+    await neighbour.set("kept", 1)
+    used = {primary_of(redis_cluster, ns, key).port for key in keys}
+    assert used == {p.port for p in redis_cluster.primaries}
+    assert sorted(await cache.keys("*", limit=None)) == sorted(keys)
+    assert len(await cache.keys("k1*", limit=5)) == 5
+    assert await cache.clear() == 200
+    assert await cache.keys("*", limit=None) == []
+    assert await neighbour.get("kept") == 1
+    await neighbour.clear()
+
+
+async def test_invalidate_calls_each_primary_once_and_misses_everywhere(
+    redis_cluster: Cluster, cluster_backend: RedisClusterBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(cluster_backend, namespace=unique_namespace("inv"), owns_backend=False)
+    keys = [f"k{n}" for n in range(100)]
+    for key in keys:
+        await cache.set(key, key, tags=["shared"])
+    calls: list[int] = []
+    original = RedisBackend.invalidate
+
+    async def counted(self: RedisBackend, ns: str, tags: Any) -> None:
+        calls.append(id(self))
+        await original(self, ns, tags)
+
+    monkeypatch.setattr(RedisBackend, "invalidate", counted)
+    await cache.invalidate_tags(["shared"])
+    # One pipelined round trip per primary (RedisBackend.invalidate is one), each primary once.
+    assert len(calls) == len(set(calls)) == len(redis_cluster.primaries)
+    assert [await cache.get(key) for key in keys] == [None] * len(keys)
+    await cache.clear()
+
+
+async def test_info_and_health_cover_every_primary(cluster_backend: RedisClusterBackend) -> None:
+    cache = Cache(cluster_backend, namespace=unique_namespace("info"), owns_backend=False)
+    await cache.set("k", 1)
+    stats = await cache.stats()
+    assert stats.backend["primaries"] == 3
+    assert stats.server_keys is not None and stats.server_keys >= 1
+    health = cluster_backend.health()
+    assert health["breaker"] == "closed"
+    assert len(health["primaries"]) == 3  # type: ignore[arg-type]  # a dict of the primaries' states
+    await cache.clear()
+
+
+# ---------------------------------------------------------------- a primary hangs, a replica takes over
+
+
+@pytest.fixture
+def replicated_cluster() -> Iterator[Cluster]:
+    """A cluster of 3 primaries with a replica each, for this test only."""
+    if not cluster_binaries_available():
+        no_redis("redis-server and redis-cli are needed for a local Redis Cluster")
+    cluster = start_cluster(3, 1)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.monotonic()
+    result = await call()
+    return result, time.monotonic() - start
+
+
+@pytest.mark.slow
+async def test_a_hung_primary_fails_open_for_its_keys_only_and_its_replica_takes_over(
+    replicated_cluster: Cluster,
+) -> None:
+    cluster = replicated_cluster
+    backend: Backend = RedisClusterBackend.from_url(f"redis+cluster://127.0.0.1:{cluster.port}/")
+    ns = unique_namespace("failover")
+    cache = Cache(backend, namespace=ns)
+    loads: dict[str, int] = {}
+    version = 1
+
+    def loader(key: str) -> Callable[[], Any]:
+        async def load() -> str:
+            loads[key] = loads.get(key, 0) + 1
+            return f"{key}:v{version}"
+
+        return load
+
+    async def read(key: str) -> tuple[str, float]:
+        value, took = await timed(lambda: cache.get_or_set(key, loader(key), ttl=300, tags=["items"]))
+        return str(value), took
+
+    try:
+        keys = [f"k{n}" for n in range(120)]
+        for key in keys:
+            await read(key)
+        hung = cluster.primaries[0]
+        lost = [k for k in keys if primary_of(cluster, ns, k).port == hung.port]
+        kept = [k for k in keys if k not in lost]
+        assert lost and kept
+
+        cluster.pause(hung)
+        before = dict(loads)
+        outage: list[float] = []
+        for key in lost[:10]:  # fail open: the loader answers, within the timeout
+            value, took = await read(key)
+            assert value == f"{key}:v1"
+            outage.append(took)
+        assert max(outage) < SLOW_CALL, outage
+        assert all(loads[k] == before[k] + 1 for k in lost[:10])
+        for key in kept:  # the other primaries keep serving hits
+            await read(key)
+        assert all(loads[k] == before[k] for k in kept)
+        assert backend.health()["breaker"] == "open"  # type: ignore[attr-defined]  # RedisClusterBackend
+
+        # An invalidation while a primary hangs fails there (and says so); the cache keeps
+        # it, bypasses its entries meanwhile and replays it.
+        version = 2
+        with pytest.raises(BackendError):
+            await cache.invalidate_tags(["items"])
+        assert (await cache.stats()).pending_invalidations == 1
+        value, _ = await read(kept[0])
+        assert value == f"{kept[0]}:v2"  # never the value from before the invalidation
+
+        await asyncio.to_thread(cluster.wait_until_ok, 60.0)  # the replica took over
+        deadline = time.monotonic() + 30
+        while True:  # the cache reads the new slot map and replays the invalidation
+            value, _ = await read(lost[0])
+            assert value == f"{lost[0]}:v2"
+            stats = await cache.stats()
+            if stats.pending_invalidations == 0 and loads[lost[0]] and (await read(lost[0]))[0] == value:
+                hits_before = stats.hits
+                await read(lost[0])
+                if (await cache.stats()).hits > hits_before:
+                    break
+            assert time.monotonic() < deadline, "caching did not resume on the promoted replica"
+            await asyncio.sleep(0.1)  # polling the recovery, bounded by the deadline
+        for key in keys:  # nothing from before the invalidation is served, anywhere
+            value, _ = await read(key)
+            assert value == f"{key}:v2"
+    finally:
+        cluster.resume(hung)
+        await cache.aclose()
