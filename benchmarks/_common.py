@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import random
 import statistics
+import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import orjson
 
@@ -62,3 +65,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def cluster_url(spec: str | None) -> Iterator[str | None]:
+    """The cluster URL to use: ``spec``, or a local 3-primary cluster for ``local``."""
+    if spec != "local":
+        yield spec
+        return
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tests.redis_cluster import start_cluster
+
+    cluster = start_cluster(3, 0)
+    try:
+        yield f"redis+cluster://127.0.0.1:{cluster.port}/"
+    finally:
+        cluster.stop()

@@ -2,10 +2,17 @@
 redis-py ``GET`` + ``orjson.loads``, measured in the same run.
 
 Workload: 10k keys, Zipf(1.1) access, ~200-byte dict values, 2 tags per
-entry, 1 caller and 50 concurrent callers. Rounds alternate the two clients;
+entry, 1 caller and 50 concurrent callers. Rounds alternate the clients;
 the median of the rounds is reported with the ratio.
 
+With ``--cluster URL`` (``redis+cluster://host:port/``, or ``local`` to start a
+3-primary cluster on free loopback ports for the run), the same workload also
+runs on the cluster, in the same rounds: tagcache (``RedisClusterBackend``)
+against redis-py's ``RedisCluster`` ``GET`` + ``orjson.loads``, and tagcache on
+the cluster against tagcache on the single node.
+
     python benchmarks/hit_path.py --url redis://127.0.0.1:6379/0
+    python benchmarks/hit_path.py --url redis://127.0.0.1:6379/0 --cluster local
 """
 
 from __future__ import annotations
@@ -13,13 +20,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 import redis.asyncio as redis
 
 from tagcache import Cache
 
-from _common import median, ops_per_second, sample_value, table, zipf_indices
+from _common import cluster_url, median, ops_per_second, sample_value, table, zipf_indices
+
+Get = Callable[[int], Awaitable[object]]
+
+
+async def fill(cache: Cache, raw: Any, values: list[dict[str, object]]) -> None:
+    """Store every value in ``cache`` (with 2 tags) and, as JSON, under ``bench-raw:`` keys."""
+    await cache.clear()
+    for start in range(0, len(values), 500):
+        batch = range(start, min(start + 500, len(values)))
+        await asyncio.gather(
+            *(cache.set(f"k{i}", values[i], tags=[f"user:{i}", f"group:{i % 50}"]) for i in batch)
+        )
+        for chunk in range(batch.start, batch.stop, 50):  # within the raw clients' 64 connections
+            await asyncio.gather(
+                *(
+                    raw.set(f"bench-raw:k{i}", orjson.dumps(values[i]), ex=3600)
+                    for i in range(chunk, min(chunk + 50, batch.stop))
+                )
+            )
 
 
 async def main() -> None:
@@ -27,6 +55,7 @@ async def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--cluster", default=None, help="a redis+cluster:// URL, or 'local'")
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--ops", type=int, default=50_000, help="gets per round and caller count")
     parser.add_argument("--rounds", type=int, default=5)
@@ -35,59 +64,112 @@ async def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.keys, args.ops, args.rounds = 1000, 3000, 1
+    with cluster_url(args.cluster) as cluster:
+        await run(args, cluster)
 
+
+async def run(args: argparse.Namespace, cluster: str | None) -> None:
+    values = [sample_value(i) for i in range(args.keys)]
+    keys = [f"k{i}" for i in range(args.keys)]
+    raw_keys = [f"bench-raw:k{i}" for i in range(args.keys)]
+    clients: list[tuple[Cache, Any]] = []
     raw = redis.Redis.from_url(args.url, max_connections=64)
     cache = Cache.from_url(args.url, namespace="bench-hit", default_ttl=3600)
+    clients.append((cache, raw))
+    if cluster is not None:
+        host_port = cluster.split("://", 1)[1].split("/", 1)[0].split(",")[0]
+        host, _, port = host_port.rpartition(":")
+        raw_cluster: Any = redis.RedisCluster(host=host, port=int(port), max_connections=64)
+        cluster_cache = Cache.from_url(cluster, namespace="bench-hit", default_ttl=3600)
+        clients.append((cluster_cache, raw_cluster))
     try:
-        await cache.clear()
-        values = [sample_value(i) for i in range(args.keys)]
-        for start in range(0, args.keys, 500):
-            batch = range(start, min(start + 500, args.keys))
-            await asyncio.gather(
-                *(cache.set(f"k{i}", values[i], tags=[f"user:{i}", f"group:{i % 50}"]) for i in batch)
-            )
-            async with raw.pipeline(transaction=False) as pipe:
-                for i in batch:
-                    pipe.set(f"bench-raw:k{i}", orjson.dumps(values[i]), ex=3600)
-                await pipe.execute()
+        for c, r in clients:
+            await fill(c, r, values)
         indices = zipf_indices(args.keys, args.ops)
-        keys = [f"k{i}" for i in range(args.keys)]
-        raw_keys = [f"bench-raw:k{i}" for i in range(args.keys)]
 
-        async def raw_get(i: int) -> object:
-            data = await raw.get(raw_keys[i])
-            return orjson.loads(data)
+        def raw_getter(client: Any) -> Get:
+            async def raw_get(i: int) -> object:
+                return orjson.loads(await client.get(raw_keys[i]))
 
-        async def tc_get(i: int) -> object:
-            return await cache.get(keys[i])
+            return raw_get
 
-        # Sanity: both return the same data.
-        assert await tc_get(0) == await raw_get(0) == values[0]
-        rows = []
+        def tc_getter(c: Cache) -> Get:
+            async def tc_get(i: int) -> object:
+                return await c.get(keys[i])
+
+            return tc_get
+
+        getters: dict[str, Get] = {"raw": raw_getter(raw), "tc": tc_getter(cache)}
+        if cluster is not None:
+            getters["raw cluster"] = raw_getter(raw_cluster)
+            getters["tc cluster"] = tc_getter(cluster_cache)
+        for name, get in getters.items():  # sanity: every client returns the same data
+            assert await get(0) == values[0], name
+        rates: dict[tuple[str, int], float] = {}
         for callers in [int(c) for c in args.callers.split(",")]:
-            await ops_per_second(raw_get, indices[:1000], callers)  # warm-up
-            await ops_per_second(tc_get, indices[:1000], callers)
-            raw_rates, tc_rates = [], []
+            for get in getters.values():  # warm-up
+                await ops_per_second(get, indices[:1000], callers)
+            per_round: dict[str, list[float]] = {name: [] for name in getters}
             for _ in range(args.rounds):
-                raw_rates.append(await ops_per_second(raw_get, indices, callers))
-                tc_rates.append(await ops_per_second(tc_get, indices, callers))
-            r, t = median(raw_rates), median(tc_rates)
-            rows.append((callers, f"{r:,.0f}", f"{t:,.0f}", f"{t / r:.2f}x"))
-        stats = await cache.stats()
+                for name, get in getters.items():
+                    per_round[name].append(await ops_per_second(get, indices, callers))
+            for name, found in per_round.items():
+                rates[name, callers] = median(found)
+        callers_list = sorted({c for _, c in rates})
         print(
             f"hit path over {args.url}: {args.keys} keys, Zipf(1.1), {args.ops} gets x {args.rounds} rounds"
         )
-        print(table(["callers", "redis-py GET+orjson ops/s", "tagcache get ops/s", "ratio"], rows))
-        print(f"tagcache hit ratio during the run: {stats.hit_ratio:.3f} (errors: {stats.errors})")
-        if stats.errors or stats.misses:
-            sys.exit("benchmark saw misses or errors: the figures above are not hits")
+        print(
+            table(
+                ["callers", "redis-py GET+orjson ops/s", "tagcache get ops/s", "ratio"],
+                [
+                    (
+                        c,
+                        f"{rates['raw', c]:,.0f}",
+                        f"{rates['tc', c]:,.0f}",
+                        f"{rates['tc', c] / rates['raw', c]:.2f}x",
+                    )
+                    for c in callers_list
+                ],
+            )
+        )
+        if cluster is not None:
+            print(f"\nthe same on the Redis Cluster {cluster} (3 primaries on this machine), same rounds:")
+            print(
+                table(
+                    [
+                        "callers",
+                        "redis-py RedisCluster GET+orjson ops/s",
+                        "tagcache get ops/s (cluster)",
+                        "ratio",
+                        "tagcache cluster / single node",
+                    ],
+                    [
+                        (
+                            c,
+                            f"{rates['raw cluster', c]:,.0f}",
+                            f"{rates['tc cluster', c]:,.0f}",
+                            f"{rates['tc cluster', c] / rates['raw cluster', c]:.2f}x",
+                            f"{rates['tc cluster', c] / rates['tc', c]:.2f}x",
+                        )
+                        for c in callers_list
+                    ],
+                )
+            )
+        for c, _ in clients:
+            stats = await c.stats()
+            print(
+                f"tagcache hit ratio ({c.backend.__class__.__name__}): {stats.hit_ratio:.3f} (errors: {stats.errors})"
+            )
+            if stats.errors or stats.misses:
+                sys.exit("benchmark saw misses or errors: the figures above are not hits")
     finally:
-        await cache.clear()
-        await cache.aclose()
-        keys_left = [k async for k in raw.scan_iter(match="bench-raw:*", count=1000)]
-        for start in range(0, len(keys_left), 1000):
-            await raw.unlink(*keys_left[start : start + 1000])
-        await raw.aclose()
+        for c, r in clients:
+            await c.clear()
+            await c.aclose()
+            for start in range(0, len(raw_keys), 50):
+                await asyncio.gather(*(r.unlink(k) for k in raw_keys[start : start + 50]))
+            await r.aclose()
 
 
 if __name__ == "__main__":

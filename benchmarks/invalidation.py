@@ -8,7 +8,12 @@ common member-set design (a Redis SET of keys per tag; invalidation reads
 the set and deletes every member), measured in the same run on the same data
 shape. Same store size in both cases, so only the tag's reach differs.
 
+With ``--cluster URL`` (or ``local``: a 3-primary cluster started for the run),
+the same rounds also run on a Redis Cluster (``RedisClusterBackend``, 64 buckets:
+one token deleted per bucket, pipelined per primary, the primaries at once).
+
     python benchmarks/invalidation.py --url redis://127.0.0.1:6379/0
+    python benchmarks/invalidation.py --url redis://127.0.0.1:6379/0 --cluster local
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import redis.asyncio as redis
 from tagcache import Cache
 from tagcache.backends import MemoryBackend
 
-from _common import median, table
+from _common import cluster_url, median, table
 
 
 async def timed(call: Callable[[], Awaitable[object]]) -> float:
@@ -82,24 +87,37 @@ async def main() -> None:
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cluster", default=None, help="a redis+cluster:// URL, or 'local'")
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
     args = parser.parse_args()
     if args.smoke:
         args.entries, args.rounds = 2000, 1
+    with cluster_url(args.cluster) as cluster:
+        await run(args, cluster)
 
+
+async def run(args: argparse.Namespace, cluster: str | None) -> None:
     redis_cache = Cache.from_url(args.url, namespace="bench-inval", default_ttl=600)
     memory_cache = Cache(MemoryBackend(max_entries=args.entries * 2, max_bytes=None), namespace="bench")
     client = redis.Redis.from_url(args.url)
-    results: dict[str, list[tuple[float, float]]] = {"redis": [], "memory": [], "sets": []}
+    cluster_cache = (
+        None if cluster is None else Cache.from_url(cluster, namespace="bench-inval", default_ttl=600)
+    )
+    results: dict[str, list[tuple[float, float]]] = {"redis": [], "memory": [], "sets": [], "cluster": []}
     try:
         await redis_cache.clear()
         for r in range(args.rounds):
             results["redis"].append(await tagcache_round(redis_cache, args.entries, r))
+            if cluster_cache is not None:
+                results["cluster"].append(await tagcache_round(cluster_cache, args.entries, r))
             results["memory"].append(await tagcache_round(memory_cache, args.entries, r))
             results["sets"].append(await member_set_round(client, args.entries, r))
     finally:
         await redis_cache.clear()
         await redis_cache.aclose()
+        if cluster_cache is not None:
+            await cluster_cache.clear()
+            await cluster_cache.aclose()
         await memory_cache.aclose()
         await client.aclose()
 
@@ -119,7 +137,21 @@ async def main() -> None:
             ],
         )
     )
-    for kind, label in (("redis", "tagcache Redis"), ("memory", "tagcache memory"), ("sets", "member sets")):
+    if cluster is not None:
+        print(f"tagcache on the Redis Cluster {cluster} (3 primaries, 64 buckets), same rounds:")
+        print(
+            table(
+                ["entries carrying the tag", "tagcache Redis Cluster ms", "tagcache single Redis ms"],
+                [
+                    ("1", cell("cluster", 0), cell("redis", 0)),
+                    (f"{args.entries:,}", cell("cluster", 1), cell("redis", 1)),
+                ],
+            )
+        )
+    kinds = [("redis", "tagcache Redis"), ("memory", "tagcache memory"), ("sets", "member sets")]
+    if cluster is not None:
+        kinds.append(("cluster", "tagcache Redis Cluster"))
+    for kind, label in kinds:
         ratio = float(cell(kind, 1)) / max(float(cell(kind, 0)), 1e-9)
         print(f"{label}: {args.entries:,}-entry tag / 1-entry tag = {ratio:.2f}")
 

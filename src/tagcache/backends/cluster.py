@@ -269,6 +269,8 @@ class RedisClusterBackend:
         # slot -> the primary holding it (None before the first read of the slot map).
         self._owners: list[_Primary | None] | None = None
         self._primaries: dict[str, _Primary] = {}
+        # The primaries holding slots now (those of _owners).
+        self._serving: list[_Primary] = []
         # Namespace -> the slot of each of its buckets.
         self._slots: dict[str, tuple[int, ...]] = {}
         self._refresh_lock: asyncio.Lock | None = None
@@ -440,6 +442,7 @@ class RedisClusterBackend:
                 owners[slot] = primary
         previous = self._owners
         self._owners = owners
+        self._serving = list({id(p): p for p in owners if p is not None}.values())
         self._refreshed_at = time.monotonic()
         if previous is not None and any(a is not b for a, b in zip(previous, owners, strict=True)):
             logger.warning(
@@ -474,21 +477,36 @@ class RedisClusterBackend:
             raise BackendError(f"Redis Cluster: no primary holds the slot of key {kb!r}'s bucket")
         return primary
 
+    def _known_primary(self, ns: str, key: str) -> _Primary | None:
+        """``key``'s primary when the slot map and the namespace are known already, else ``None``."""
+        owners, slots = self._owners, self._slots.get(ns)
+        if owners is None or slots is None:
+            return None
+        return owners[slots[bucket_index(key.encode(), self._buckets)]]
+
     async def _routed(self, ns: str, key: str, call: Callable[[RedisBackend], Awaitable[T]]) -> T:
         """Run ``call`` on the backend of ``key``'s primary; after a redirection, read the
         slot map and run it once more on the new owner (a redirected command ran nowhere)."""
-        kb = key.encode()
-        primary = await self._primary_of(ns, kb)
+        primary = await self._primary_of(ns, key.encode())
         try:
             return await call(primary.backend)
         except BackendError as exc:
-            if not _redirected(exc):
-                if _node_failed(exc):
-                    self._refresh_soon()
-                raise
+            self._failed(exc)
+        return await self._redirected_call(ns, key, call)
+
+    def _failed(self, exc: BackendError) -> None:
+        """Re-raise ``exc`` unless it is a redirection; read the slot map soon if the
+        primary seems to be failing (a replica may be taking over)."""
+        if not _redirected(exc):
+            if _node_failed(exc):
+                self._refresh_soon()
+            raise exc
+
+    async def _redirected_call(self, ns: str, key: str, call: Callable[[RedisBackend], Awaitable[T]]) -> T:
+        """After a redirection: read the slot map now and run ``call`` on the new owner."""
         self._refreshed_at = -float("inf")
         await self._discover()
-        return await call((await self._primary_of(ns, kb)).backend)
+        return await call((await self._primary_of(ns, key.encode())).backend)
 
     async def _everywhere(self, call: Callable[[RedisBackend], Awaitable[T]]) -> list[T]:
         """Run ``call`` on every primary's backend concurrently; raise the first failure."""
@@ -504,18 +522,32 @@ class RedisClusterBackend:
         return results  # type: ignore[return-value]  # no exception among them
 
     def _current_primaries(self) -> list[_Primary]:
-        owners = self._owners or []
-        return list({id(p): p for p in owners if p is not None}.values())
+        """The primaries holding slots, as of the last read of the slot map."""
+        return self._serving
 
     # -- the Backend protocol -----------------------------------------------------
 
     async def get(self, ns: str, key: str) -> bytes | None:
         """See :meth:`RedisBackend.get`."""
-        return await self._routed(ns, key, lambda b: b.get(ns, key))
+        primary = self._known_primary(ns, key)  # the hit path: no closure, one frame less
+        if primary is None:
+            return await self._routed(ns, key, lambda b: b.get(ns, key))
+        try:
+            return await primary.backend.get(ns, key)
+        except BackendError as exc:
+            self._failed(exc)
+        return await self._redirected_call(ns, key, lambda b: b.get(ns, key))
 
     async def fetch(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
         """See :meth:`RedisBackend.fetch`."""
-        return await self._routed(ns, key, lambda b: b.fetch(ns, key, tags, lease_ttl))
+        primary = self._known_primary(ns, key)
+        if primary is None:
+            return await self._routed(ns, key, lambda b: b.fetch(ns, key, tags, lease_ttl))
+        try:
+            return await primary.backend.fetch(ns, key, tags, lease_ttl)
+        except BackendError as exc:
+            self._failed(exc)
+        return await self._redirected_call(ns, key, lambda b: b.fetch(ns, key, tags, lease_ttl))
 
     async def lease(self, ns: str, key: str, tags: Sequence[str], lease_ttl: float) -> Lookup:
         """See :meth:`RedisBackend.lease`."""
