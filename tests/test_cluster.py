@@ -21,7 +21,14 @@ from tagcache.backends.cluster import RedisClusterBackend
 from tagcache.backends.redis import bucket_hash_tag, bucket_index
 
 from tests.conftest import no_redis, unique_namespace
-from tests.redis_cluster import Cluster, ClusterNode, cluster_binaries_available, start_cluster
+from tests.redis_cluster import (
+    Cluster,
+    ClusterNode,
+    cluster_binaries_available,
+    command,
+    key_slot,
+    start_cluster,
+)
 
 #: Generous bound for a call while a primary hangs: its socket timeout is 0.5 s.
 SLOW_CALL = 3.0
@@ -240,4 +247,67 @@ async def test_a_hung_primary_fails_open_for_its_keys_only_and_its_replica_takes
             assert value == f"{key}:v2"
     finally:
         cluster.resume(hung)
+        await cache.aclose()
+
+
+# ---------------------------------------------------------------- a slot moves (resharding)
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A cluster of 3 primaries for this test only (its slots are moved)."""
+    if not cluster_binaries_available():
+        no_redis("redis-server and redis-cli are needed for a local Redis Cluster")
+    cluster = start_cluster(3, 0)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def move_slot(cluster: Cluster, slot: int, source: ClusterNode, target: ClusterNode) -> None:
+    """Move ``slot`` with its keys from ``source`` to ``target``, as ``redis-cli --cluster reshard`` does."""
+    command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.node_id)
+    command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.node_id)
+    while True:
+        keys = command(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100")
+        assert isinstance(keys, list)
+        if not keys:
+            break
+        names = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+        command(source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *names)
+    for node in cluster.primaries:
+        command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target.node_id)
+    cluster.wait_until_ok()
+
+
+async def test_a_bucket_whose_slot_moves_keeps_working_without_errors(own_cluster: Cluster) -> None:
+    cluster = own_cluster
+    ns = unique_namespace("moved")
+    cache = Cache(RedisClusterBackend.from_url(f"redis+cluster://127.0.0.1:{cluster.port}/"), namespace=ns)
+    try:
+        await cache.set("k", "v", tags=["t"])
+        slot = key_slot(bucket_hash_tag(ns, bucket_index(b"k", 64)))
+        source = cluster.node_for_slot(slot)
+        target = next(node for node in cluster.primaries if node is not source)
+        move_slot(cluster, slot, source, target)
+        # MOVED: the slot map is read again and the read retried, without an error. The new
+        # owner did not write the bucket's data (its server check says so): a miss, never stale.
+        assert await cache.get("k") in ("v", None)
+        assert (await cache.stats()).errors == 0
+        await cache.set("k", "w", tags=["t"])
+        assert await cache.get("k") == "w"
+        await cache.invalidate_tags(["t"])
+        assert await cache.get("k") is None
+        # Moved back, then invalidated first thing: the stale slot map sends a token's DEL to
+        # the old owner, which redirects it; the invalidation is retried with the new map.
+        await cache.set("k", "x", tags=["t"])
+        cluster.refresh()
+        move_slot(cluster, slot, target, source)
+        await cache.invalidate_tags(["t"])
+        assert await cache.get("k") is None
+        stats = await cache.stats()
+        assert (stats.errors, stats.pending_invalidations) == (0, 0)
+    finally:
+        await cache.clear()
         await cache.aclose()

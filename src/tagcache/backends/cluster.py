@@ -509,17 +509,28 @@ class RedisClusterBackend:
         return await call((await self._primary_of(ns, key.encode())).backend)
 
     async def _everywhere(self, call: Callable[[RedisBackend], Awaitable[T]]) -> list[T]:
-        """Run ``call`` on every primary's backend concurrently; raise the first failure."""
+        """Run ``call`` on every primary's backend concurrently; raise the first failure.
+
+        After a redirection (the slot map changed: a primary ran ``call`` on buckets it
+        no longer holds, and those commands ran nowhere), the slot map is read again and
+        ``call`` runs once more everywhere; every use of this is safe to repeat."""
         if self._owners is None:
             await self._discover()
-        primaries = self._current_primaries()
-        results = await asyncio.gather(*(call(p.backend) for p in primaries), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                if isinstance(result, BackendError) and (_redirected(result) or _node_failed(result)):
+        for attempt in range(2):
+            primaries = self._current_primaries()
+            results = await asyncio.gather(*(call(p.backend) for p in primaries), return_exceptions=True)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if not failures:
+                return results  # type: ignore[return-value]  # no exception among them
+            if attempt == 0 and all(isinstance(f, BackendError) and _redirected(f) for f in failures):
+                self._refreshed_at = -float("inf")
+                await self._discover()
+                continue
+            for failure in failures:
+                if isinstance(failure, BackendError) and (_redirected(failure) or _node_failed(failure)):
                     self._refresh_soon()
-                raise result
-        return results  # type: ignore[return-value]  # no exception among them
+            raise failures[0]
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _current_primaries(self) -> list[_Primary]:
         """The primaries holding slots, as of the last read of the slot map."""
