@@ -51,12 +51,6 @@ try:
     import redis.asyncio as aioredis
     from redis.asyncio.connection import Connection, SSLConnection
     from redis.crc import key_slot
-    from redis.exceptions import (
-        AskError,
-        ClusterCrossSlotError,
-        ClusterDownError,
-        TryAgainError,
-    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -70,6 +64,7 @@ from tagcache.backends.redis import (
     RedisBackend,
     bucket_hash_tag,
     bucket_index,
+    is_cluster_reply,
 )
 from tagcache.exceptions import BackendError, BackendUnavailableError, ConfigurationError
 
@@ -84,8 +79,6 @@ DEFAULT_CLUSTER_BUCKETS: Final = 64
 
 #: Slots of a Redis Cluster.
 _SLOTS: Final = 16384
-#: Replies that say the command ran nowhere and the slot map is out of date.
-_REDIRECTS: Final = (AskError, TryAgainError, ClusterDownError, ClusterCrossSlotError)
 #: Least seconds between two background reads of the slot map.
 _REFRESH_INTERVAL: Final = 0.25
 #: Connection options passed on to every primary's pool (the rest are tagcache's own).
@@ -123,7 +116,7 @@ _URL_OPTIONS: Final = frozenset(
 def _redirected(exc: BaseException) -> bool:
     """Whether ``exc`` (a :class:`BackendError` or its cause) is a cluster redirection."""
     cause = exc.__cause__ if isinstance(exc, BackendError) else exc
-    return isinstance(cause, _REDIRECTS)
+    return is_cluster_reply(cause)
 
 
 def _node_failed(exc: BaseException) -> bool:

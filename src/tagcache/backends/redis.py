@@ -122,7 +122,14 @@ from tagcache.backends.breaker import CircuitBreaker
 from tagcache.exceptions import BackendError, BackendUnavailableError, ConfigurationError
 from tagcache.tags import glob_escape, glob_to_regex
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_SOCKET_TIMEOUT", "RedisBackend"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_SOCKET_TIMEOUT",
+    "RedisBackend",
+    "bucket_hash_tag",
+    "bucket_index",
+    "is_cluster_reply",
+]
 
 logger: Final = logging.getLogger("tagcache")
 
@@ -142,8 +149,10 @@ _RETRY_FIRST: Final = 0.05
 _RETRY_FOR: Final = 60.0
 # Options of RedisBackend.from_url read from the URL's query (not redis-py's).
 _URL_OPTIONS: Final = ("breaker_failures", "breaker_cooldown")
-# Redis Cluster replies saying a command ran nowhere (MovedError is an AskError).
+# Redis Cluster replies saying a command ran nowhere (MovedError is an AskError); older
+# redis-py parses them as plain ResponseErrors outside its cluster client: their prefixes.
 _CLUSTER_REPLIES: Final = (AskError, ClusterCrossSlotError, ClusterDownError, TryAgainError)
+_CLUSTER_PREFIXES: Final = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "CROSSSLOT")
 # SCAN batch size and the most keys one UNLINK removes.
 _SCAN_COUNT: Final = 500
 # A token a fetch creates lives this much longer than the lease.
@@ -411,6 +420,14 @@ class _Bucket:
                 self.tag_keys.clear()
             self.tag_keys[tags] = packed
         return packed
+
+
+def is_cluster_reply(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a Redis Cluster redirection or refusal (``MOVED``, ``ASK``,
+    ``TRYAGAIN``, ``CLUSTERDOWN``, ``CROSSSLOT``): the command ran nowhere."""
+    if isinstance(exc, _CLUSTER_REPLIES):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_CLUSTER_PREFIXES)
 
 
 def bucket_index(key: bytes, buckets: int) -> int:
@@ -1005,7 +1022,7 @@ class RedisBackend:
             failure = failures[0]
             if all(isinstance(f, NoScriptError) for f in failures):
                 continue  # the script cache was flushed between our commands: again
-            cluster = next((f for f in failures if isinstance(f, _CLUSTER_REPLIES)), None)
+            cluster = next((f for f in failures if is_cluster_reply(f)), None)
             if cluster is not None:
                 raise cluster  # a Redis Cluster redirection (MOVED, ...): nothing about the scripts
             if scripts is not _FLAGGED:
