@@ -21,7 +21,7 @@ from tagcache.backends import Backend, MemoryBackend
 from tests.redis_cluster import Cluster, cluster_binaries_available, start_cluster
 from tests.redis_server import RedisProcess, redis_server, redis_server_available
 
-BACKEND_KINDS = ("memory", "fakeredis", "redis", "cluster")
+BACKEND_KINDS = ("memory", "fakeredis", "redis", "cluster", "l1")
 _REQUIRE = os.environ.get("TAGCACHE_REQUIRE_REDIS", "") not in ("", "0")
 _counter = itertools.count()
 
@@ -124,7 +124,7 @@ async def make_backend(
     """
     made: list[Any] = []
     fake_server: Any = None
-    url = request.getfixturevalue("redis_url") if backend_kind == "redis" else None
+    url = request.getfixturevalue("redis_url") if backend_kind in ("redis", "l1") else None
     if backend_kind == "cluster":
         url = request.getfixturevalue("redis_cluster_url")
 
@@ -143,6 +143,13 @@ async def make_backend(
             client = fakeredis.FakeAsyncRedis(server=fake_server)
             made.append(client)
             backend = RedisBackend(client, **options)
+        elif backend_kind == "l1":
+            from tagcache.backends.local import LocalCache, LocalLayer
+            from tagcache.backends.redis import RedisBackend
+
+            assert url is not None
+            remote = RedisBackend.from_url(url, **{"socket_timeout": 5.0, **options})
+            backend = LocalLayer(remote, remote.invalidation_feed(), LocalCache(ttl=60))
         elif backend_kind == "cluster":
             from tagcache.backends.cluster import RedisClusterBackend
 

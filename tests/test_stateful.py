@@ -70,6 +70,16 @@ def make_machine(kind: str, redis_url: str | None) -> type[RuleBasedStateMachine
                     client = self.run(make_client())
                     self.closers.append(client)
                     backend = RedisBackend(client)
+                elif kind == "l1":
+                    from tagcache.backends.local import LocalCache, LocalLayer
+
+                    assert redis_url is not None
+
+                    async def make_layer() -> Backend:
+                        remote = RedisBackend.from_url(redis_url, socket_timeout=5.0)
+                        return LocalLayer(remote, remote.invalidation_feed(), LocalCache(ttl=60))
+
+                    backend = self.run(make_layer())
                 elif kind == "cluster":
                     from tagcache.backends.cluster import RedisClusterBackend
 
@@ -207,7 +217,7 @@ def make_machine(kind: str, redis_url: str | None) -> type[RuleBasedStateMachine
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", BACKEND_KINDS)
 def test_cache_matches_model(kind: str, request: pytest.FixtureRequest) -> None:
-    url = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(kind)
+    url = {"redis": "redis_url", "l1": "redis_url", "cluster": "redis_cluster_url"}.get(kind)
     machine = make_machine(kind, None if url is None else request.getfixturevalue(url))
     examples = 200 if kind == "memory" else 40
     run_state_machine_as_test(

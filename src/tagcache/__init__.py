@@ -10,6 +10,7 @@ Quick start::
         await cache.invalidate_tags(["user:1"])
 """
 
+from tagcache.backends.local import LocalCache
 from tagcache.cache import Cache, EntryView
 from tagcache.codec import Codec, JsonCodec, KeyBoundCodec, PickleCodec
 from tagcache.decorator import CachedFunction
@@ -48,6 +49,7 @@ __all__ = [
     "JobStats",
     "JsonCodec",
     "KeyBoundCodec",
+    "LocalCache",
     "MISSING",
     "Missing",
     "PickleCodec",

@@ -22,12 +22,15 @@ from tagcache.backends.base import (
     EntryInfo,
     FillWatch,
     HealthReporting,
+    LocalReads,
     Lookup,
     NowaitReads,
     SupportsInfo,
+    SupportsInvalidationFeed,
     SupportsKeys,
     SupportsPeek,
 )
+from tagcache.backends.local import LocalCache, LocalLayer
 from tagcache.codec import Codec, JsonCodec
 from tagcache.decorator import DEFAULT, check_source_options, is_decoratable, make_decorator
 from tagcache.envelope import ENVELOPE_BYTE, META, strip
@@ -105,6 +108,17 @@ def check_backend(backend: object) -> Backend:
             "tagcache.backends.Backend"
         )
     return backend  # type: ignore[return-value]  # checked structurally just above
+
+
+def with_local(backend: Backend, local: LocalCache, owns_backend: bool) -> Backend:
+    """``backend`` behind an in-process L1 (:class:`~tagcache.backends.local.LocalLayer`)."""
+    if not isinstance(backend, SupportsInvalidationFeed):
+        raise ConfigurationError(
+            f"local=LocalCache(...) needs a shared backend that pushes changes to every process "
+            f"(RedisBackend or RedisClusterBackend), got {type(backend).__name__}; the memory backend "
+            "is in process memory already"
+        )
+    return LocalLayer(backend, backend.invalidation_feed(), local, owns_remote=owns_backend)
 
 
 def backend_from_url(url: str) -> Backend:
@@ -314,6 +328,11 @@ class Cache:
             refresh, ``stale_if_error``) and read back from them. Tests pass a
             fake clock (:func:`tagcache.testing.memory_cache` gives the same
             clock to the cache and its memory backend).
+        local: a :class:`~tagcache.LocalCache`: keep hot entries in process memory
+            in front of a Redis (or Redis Cluster) backend, coherent through
+            pushed change messages (see :mod:`tagcache.backends.local`). The
+            backend given (or configured later) is wrapped in a
+            :class:`~tagcache.backends.local.LocalLayer`, which the cache owns.
 
     Use :meth:`from_url` to build one from a URL.
     """
@@ -331,6 +350,7 @@ class Cache:
         fail_open: bool = True,
         strict: bool = False,
         clock: Callable[[], float] | None = None,
+        local: LocalCache | None = None,
     ) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
             raise ConfigurationError(
@@ -343,6 +363,11 @@ class Cache:
             )
         if backend is not None:
             check_backend(backend)
+        if local is not None and not isinstance(local, LocalCache):
+            raise ConfigurationError(f"local must be a tagcache.LocalCache, got {local!r:.80}")
+        self._local = local
+        if backend is not None and local is not None:
+            backend, owns_backend = with_local(backend, local, owns_backend), True
         if clock is not None and not callable(clock):
             raise ConfigurationError(f"clock must be a function returning seconds, got {clock!r}")
         if type(max_value_size) is not int or max_value_size <= 0:
@@ -393,6 +418,7 @@ class Cache:
         # invalidations waiting to be re-applied; these are the same objects.
         self._backend_get = backend.get
         self._get_nowait = backend.get_nowait if isinstance(backend, NowaitReads) else None
+        self._get_local = backend.get_local if isinstance(backend, LocalReads) else None
         # With a codec binding payloads to their place, _decode_payload is None and
         # the hit path calls _decode_bound instead.
         self._decode_payload = engine.decode_payload
@@ -464,6 +490,8 @@ class Cache:
                 "another, or use cache.using(backend) for a block"
             )
         target = backend_from_url(backend) if isinstance(backend, str) else check_backend(backend)
+        if self._local is not None:
+            target, owns_backend = with_local(target, self._local, owns_backend), True
         self._install(_Binding(target, owns_backend, self._new_engine(target), self._counters, False))
         self._configured = True
 
@@ -582,7 +610,10 @@ class Cache:
             if nowait is not None:
                 payload = nowait(self._ns, key)
             else:
-                payload = await self._backend_get(self._ns, key)
+                local = self._get_local
+                payload = None if local is None else local(self._ns, key)
+                if payload is None:
+                    payload = await self._backend_get(self._ns, key)
         except BackendError:
             counters.errors += 1
             raise

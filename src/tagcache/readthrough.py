@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
-from tagcache.backends.base import Backend, Lookup, NowaitReads, SupportsWatch
+from tagcache.backends.base import Backend, LocalReads, Lookup, NowaitReads, SupportsWatch
 from tagcache.codec import Codec, KeyBoundCodec
 from tagcache.envelope import ENVELOPE, META, strip, wrap
 from tagcache.exceptions import BackendError, SerializationError, ValueTooLargeError
@@ -363,6 +363,8 @@ class ReadThrough:
         # Bound methods looked up once: the hit path runs them on every call.
         self._backend_get = backend.get
         self._get_nowait = backend.get_nowait if isinstance(backend, NowaitReads) else None
+        # Copies in process memory (an L1): a hit without I/O when present, else the backend.
+        self._get_local = backend.get_local if isinstance(backend, LocalReads) else None
         self._can_watch = isinstance(backend, SupportsWatch)
         #: The codec's ``decode``, or ``None`` for a codec binding payloads to their
         #: place (it gets "namespace NUL key" as context): then hit paths call
@@ -523,7 +525,7 @@ class ReadThrough:
         fresh entry. Otherwise :data:`NOT_FOUND` (nothing is counted then): the caller
         goes on with :meth:`load`. The fast path of decorated calls on in-process backends.
         """
-        nowait = self._get_nowait
+        nowait = self._get_nowait or self._get_local
         if nowait is None or self.pending or DISABLED.get():
             return NOT_FOUND
         try:

@@ -40,7 +40,7 @@ this interface: subclass it in a test module to check a backend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, runtime_checkable
@@ -51,9 +51,12 @@ __all__ = [
     "EntryInfo",
     "FillWatch",
     "HealthReporting",
+    "InvalidationFeed",
+    "LocalReads",
     "Lookup",
     "NowaitReads",
     "SupportsInfo",
+    "SupportsInvalidationFeed",
     "SupportsKeys",
     "SupportsPeek",
     "SupportsWatch",
@@ -352,3 +355,53 @@ class HealthReporting(Protocol):
         ``"open"`` or ``"half-open"``), ``breaker_opened`` (times it opened) and
         ``breaker_open_since`` (Unix time it opened, or ``None`` while closed).
         """
+
+
+@runtime_checkable
+class LocalReads(Protocol):
+    """Optional capability of a backend that keeps copies of some entries in process memory
+    (an L1 in front of a shared store, :class:`~tagcache.backends.local.LocalLayer`).
+
+    :meth:`get_local` answers from those copies without waiting; ``None`` means
+    "not known here", not a miss: the caller then awaits :meth:`Backend.get` (or
+    :meth:`Backend.fetch`), which asks the shared store.
+    """
+
+    def get_local(self, ns: str, key: str) -> bytes | None:
+        """The payload of ``key`` held in process memory, or ``None``."""
+
+
+@runtime_checkable
+class InvalidationFeed(Protocol):
+    """A channel through which every process using a shared store learns of its changes.
+
+    Used by :class:`~tagcache.backends.local.LocalLayer` to keep the copies it
+    holds in process memory coherent: each process publishes what it changed
+    (keys written or deleted, tags invalidated, namespaces cleared) and hears
+    what the others changed, pushed rather than polled.
+    """
+
+    async def publish(self, message: bytes) -> None:
+        """Send ``message`` to every subscriber (this process's included). Raises
+        :class:`~tagcache.BackendError` when it cannot be sent."""
+
+    async def run(self, on_message: Callable[[bytes], None], on_state: Callable[[bool], None]) -> None:
+        """Subscribe and deliver messages until cancelled, reconnecting as needed.
+
+        ``on_state(True)`` is called once the subscription is confirmed (no
+        message published from then on is missed while it lasts),
+        ``on_state(False)`` as soon as it is lost or cannot be trusted (a
+        connection error, a server that stops answering pings).
+        """
+
+    async def aclose(self) -> None:
+        """Close the feed's connections. Safe to call twice."""
+
+
+@runtime_checkable
+class SupportsInvalidationFeed(Protocol):
+    """Optional capability of a shared backend that can give an :class:`InvalidationFeed`
+    (Redis pub/sub), needed to put a :class:`~tagcache.LocalCache` in front of it."""
+
+    def invalidation_feed(self) -> InvalidationFeed:
+        """A new feed over the backend's server(s), with connections of its own."""

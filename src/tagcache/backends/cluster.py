@@ -58,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from tagcache.backends.base import BackendInfo, EntryInfo, FillWatch, Lookup
 from tagcache.backends.breaker import CircuitBreaker
+from tagcache.backends.feed import RedisFeed
 from tagcache.backends.redis import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_SOCKET_TIMEOUT,
@@ -331,6 +332,18 @@ class RedisClusterBackend:
     def buckets(self) -> int:
         """Buckets per namespace (each has its own tag tokens)."""
         return self._buckets
+
+    def invalidation_feed(self) -> RedisFeed:
+        """A :class:`~tagcache.backends.feed.RedisFeed` over the cluster's nodes (a ``PUBLISH``
+        on any node reaches the subscribers of all), for :class:`~tagcache.LocalCache`."""
+        known = [p.address for p in self._primaries.values()]
+        addresses = list(dict.fromkeys([*self._seeds, *known]))
+        return RedisFeed(
+            [{"host": host, "port": port, **self._connection_kwargs} for host, port in addresses],
+            connection_class=self._connection_class,
+            socket_timeout=self._socket_timeout,
+            connect_timeout=self._connect_timeout,
+        )
 
     # -- topology ---------------------------------------------------------------
 

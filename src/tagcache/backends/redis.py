@@ -119,6 +119,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tagcache.backends._signals import KeySignal, SignalWatch
 from tagcache.backends.base import BackendInfo, EntryInfo, FillWatch, Lookup
 from tagcache.backends.breaker import CircuitBreaker
+from tagcache.backends.feed import RedisFeed
 from tagcache.exceptions import BackendError, BackendUnavailableError, ConfigurationError
 from tagcache.tags import glob_escape, glob_to_regex
 
@@ -800,6 +801,22 @@ class RedisBackend:
     def buckets(self) -> int:
         """Buckets per namespace (each has its own tag tokens)."""
         return self._buckets
+
+    def invalidation_feed(self) -> RedisFeed:
+        """A :class:`~tagcache.backends.feed.RedisFeed` over this backend's server, with
+        connections of its own (for :class:`~tagcache.LocalCache`)."""
+        home = self._home_pool
+        options = {
+            k: v
+            for k, v in home.connection_kwargs.items()
+            if k not in ("socket_timeout", "socket_connect_timeout", "retry", "redis_connect_func")
+        }
+        return RedisFeed(
+            [options],
+            connection_class=home.connection_class,
+            socket_timeout=self._socket_timeout,
+            connect_timeout=self._connect_timeout,
+        )
 
     @property
     def breaker(self) -> CircuitBreaker:
