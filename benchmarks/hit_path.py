@@ -11,8 +11,12 @@ runs on the cluster, in the same rounds: tagcache (``RedisClusterBackend``)
 against redis-py's ``RedisCluster`` ``GET`` + ``orjson.loads``, and tagcache on
 the cluster against tagcache on the single node.
 
+With ``--local``, the same rounds also measure a ``Cache`` with an in-process L1
+(``LocalCache``) in front of the same Redis, and a ``Cache`` over ``MemoryBackend``.
+
     python benchmarks/hit_path.py --url redis://127.0.0.1:6379/0
     python benchmarks/hit_path.py --url redis://127.0.0.1:6379/0 --cluster local
+    python benchmarks/hit_path.py --url redis://127.0.0.1:6379/0 --local
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any
 import orjson
 import redis.asyncio as redis
 
-from tagcache import Cache
+from tagcache import Cache, LocalCache
+from tagcache.backends import MemoryBackend
 
 from _common import cluster_url, median, ops_per_second, sample_value, table, zipf_indices
 
@@ -56,6 +61,7 @@ async def main() -> None:
     )
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--cluster", default=None, help="a redis+cluster:// URL, or 'local'")
+    parser.add_argument("--local", action="store_true", help="also an L1 (LocalCache) and the memory backend")
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--ops", type=int, default=50_000, help="gets per round and caller count")
     parser.add_argument("--rounds", type=int, default=5)
@@ -82,9 +88,29 @@ async def run(args: argparse.Namespace, cluster: str | None) -> None:
         raw_cluster: Any = redis.RedisCluster(host=host, port=int(port), max_connections=64)
         cluster_cache = Cache.from_url(cluster, namespace="bench-hit", default_ttl=3600)
         clients.append((cluster_cache, raw_cluster))
+    extra: list[Cache] = []
+    if args.local:
+        l1_cache = Cache.from_url(
+            args.url,
+            namespace="bench-hit",
+            default_ttl=3600,
+            local=LocalCache(max_entries=args.keys, ttl=3600),
+        )
+        memory = Cache(MemoryBackend(max_entries=args.keys * 2, max_bytes=None), namespace="bench-hit")
+        extra = [l1_cache, memory]
     try:
         for c, r in clients:
             await fill(c, r, values)
+        if args.local:
+            layer: Any = l1_cache.backend
+            await l1_cache.get(keys[0])  # starts the L1's subscription to changes
+            while not layer.health()["local_live"]:  # noqa: ASYNC110  # a figure, no event to wait on
+                await asyncio.sleep(0.01)
+            for i in range(args.keys):
+                await memory.set(keys[i], values[i], tags=[f"user:{i}", f"group:{i % 50}"])
+                await l1_cache.get(keys[i])  # from Redis: the L1 then keeps a copy
+            while layer.health()["local_entries"] < args.keys:  # noqa: ASYNC110  # as above
+                await asyncio.sleep(0.01)
         indices = zipf_indices(args.keys, args.ops)
 
         def raw_getter(client: Any) -> Get:
@@ -103,6 +129,9 @@ async def run(args: argparse.Namespace, cluster: str | None) -> None:
         if cluster is not None:
             getters["raw cluster"] = raw_getter(raw_cluster)
             getters["tc cluster"] = tc_getter(cluster_cache)
+        if args.local:
+            getters["tc l1"] = tc_getter(l1_cache)
+            getters["tc memory"] = tc_getter(memory)
         for name, get in getters.items():  # sanity: every client returns the same data
             assert await get(0) == values[0], name
         rates: dict[tuple[str, int], float] = {}
@@ -156,6 +185,39 @@ async def run(args: argparse.Namespace, cluster: str | None) -> None:
                     ],
                 )
             )
+        if args.local:
+            print(
+                "\nin-process L1 (LocalCache) in front of the same Redis, and the memory backend, same rounds:"
+            )
+            print(
+                table(
+                    [
+                        "callers",
+                        "tagcache get, L1 hit ops/s",
+                        "tagcache get, Redis hit ops/s",
+                        "tagcache get, MemoryBackend ops/s",
+                        "L1 / Redis (target >= 20x)",
+                        "memory / L1 (target <= 1.5x)",
+                    ],
+                    [
+                        (
+                            c,
+                            f"{rates['tc l1', c]:,.0f}",
+                            f"{rates['tc', c]:,.0f}",
+                            f"{rates['tc memory', c]:,.0f}",
+                            f"{rates['tc l1', c] / rates['tc', c]:.1f}x",
+                            f"{rates['tc memory', c] / rates['tc l1', c]:.2f}x",
+                        )
+                        for c in callers_list
+                    ],
+                )
+            )
+            layer_health: Any = l1_cache.backend
+            print(f"L1: {layer_health.health()['local_hits']:,} copies served")
+        for c in extra:
+            stats = await c.stats()
+            if stats.errors or stats.misses:
+                sys.exit(f"{c.backend.__class__.__name__} saw misses or errors: the figures are not hits")
         for c, _ in clients:
             stats = await c.stats()
             print(
@@ -164,6 +226,8 @@ async def run(args: argparse.Namespace, cluster: str | None) -> None:
             if stats.errors or stats.misses:
                 sys.exit("benchmark saw misses or errors: the figures above are not hits")
     finally:
+        for c in extra:
+            await c.aclose()
         for c, r in clients:
             await c.clear()
             await c.aclose()
