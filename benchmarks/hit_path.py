@@ -46,13 +46,26 @@ async def fill(cache: Cache, raw: Any, values: list[dict[str, object]]) -> None:
         await asyncio.gather(
             *(cache.set(f"k{i}", values[i], tags=[f"user:{i}", f"group:{i % 50}"]) for i in batch)
         )
-        for chunk in range(batch.start, batch.stop, 50):  # within the raw clients' 64 connections
-            await asyncio.gather(
-                *(
-                    raw.set(f"bench-raw:k{i}", orjson.dumps(values[i]), ex=3600)
-                    for i in range(chunk, min(chunk + 50, batch.stop))
-                )
-            )
+        async with raw.pipeline(transaction=False) as pipe:  # per node on a cluster client
+            for i in batch:
+                pipe.set(f"bench-raw:k{i}", orjson.dumps(values[i]), ex=3600)
+            await pipe.execute()
+
+
+async def open_connections(raw: Any, key: str, callers: int) -> None:
+    """Open ``callers`` connections of a redis-py client before anything is timed.
+
+    redis-py's ``RedisCluster`` can fail a command whose connection is being opened
+    while others open theirs (``'NoneType' object has no attribute 'writelines'``);
+    opening them here, retried, keeps that out of the timed rounds.
+    """
+    for attempt in range(5):
+        try:
+            await asyncio.gather(*(raw.get(key) for _ in range(callers)))
+            return
+        except AttributeError:
+            if attempt == 4:
+                raise
 
 
 async def main() -> None:
@@ -132,6 +145,8 @@ async def run(args: argparse.Namespace, cluster: str | None) -> None:
         if args.local:
             getters["tc l1"] = tc_getter(l1_cache)
             getters["tc memory"] = tc_getter(memory)
+        for client in (raw, raw_cluster) if cluster is not None else (raw,):
+            await open_connections(client, raw_keys[0], max(int(c) for c in args.callers.split(",")))
         for name, get in getters.items():  # sanity: every client returns the same data
             assert await get(0) == values[0], name
         rates: dict[tuple[str, int], float] = {}
