@@ -9,9 +9,14 @@ test also run with an L1 (backend kind ``l1`` in ``tests/conftest.py``).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -306,3 +311,91 @@ async def test_four_processes_see_no_read_staler_than_the_propagation_bound(proc
     assert stale == [], stale[:5]
     local_hits = sum(int(layer_of(c).health()["local_hits"]) for c in processes)  # type: ignore[call-overload]  # an int here
     assert local_hits > 100, local_hits  # the L1 served reads
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_worker(url: str, ns: str, items: int, seconds: float) -> subprocess.Popen[str]:
+    """A ``tests.l1_worker`` reader process (see that module)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.l1_worker", url, ns, str(items), str(seconds)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
+    )
+
+
+@pytest.mark.slow
+async def test_four_processes_with_l1_read_nothing_staler_than_the_bound(redis_url: str) -> None:
+    """Three reader processes (``tests/l1_worker.py``) and this one, each with its own L1;
+    this one also writes: bumps an item's version in Redis, then invalidates its tag. A
+    read that began more than ``bound`` after an invalidation returned saw its version."""
+    bound = 0.25  # seconds: propagation measures ~1 ms at p99; room for a loaded CI machine
+    ns, items, seconds = unique_namespace("l1proc"), 6, 3.0
+    workers = [start_worker(redis_url, ns, items, seconds) for _ in range(3)]
+    cache = await live(Cache.from_url(redis_url, namespace=ns, local=LocalCache(ttl=60)))
+    db = aioredis.Redis.from_url(redis_url)
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and worker.stdin is not None
+            line = await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 60)
+            assert line.strip() == "ready", line
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        done: list[tuple[int, float, int]] = []  # item, invalidate_tags returned at, version
+        reads: list[tuple[int, float, int, bool]] = []  # item, began, version, in the writer's process
+        end = time.monotonic() + seconds
+        rng = random.Random(3)
+
+        async def writer() -> None:
+            while time.monotonic() < end:
+                item = rng.randrange(items)
+                version = int(await db.incr(f"{ns}:src:{item}"))
+                await cache.invalidate_tags([f"item:{item}"])
+                done.append((item, time.monotonic(), version))
+                await asyncio.sleep(rng.random() * 0.02)
+
+        async def reader() -> None:
+            while time.monotonic() < end:
+                item = rng.randrange(items)
+
+                async def load(item: int = item) -> int:
+                    return int(await db.get(f"{ns}:src:{item}") or 0)
+
+                began = time.monotonic()
+                got = await cache.get_or_set(f"item:{item}", load, ttl=60, tags=[f"item:{item}"])
+                reads.append((item, began, got, True))
+                await asyncio.sleep(rng.random() * 0.002)
+
+        await asyncio.gather(writer(), *(reader() for _ in range(4)))
+        local_hits = [int(layer_of(cache).health()["local_hits"])]  # type: ignore[call-overload]  # an int here
+        for worker in workers:
+            out, _ = await asyncio.wait_for(asyncio.to_thread(worker.communicate), 60)
+            report = json.loads(out.strip().splitlines()[-1])
+            reads.extend((int(i), float(t), int(v), False) for i, t, v in report["reads"])
+            local_hits.append(int(report["local_hits"]))
+        stale = []
+        for item, began, got, own in reads:
+            lag = 0.0 if own else bound
+            must = max((v for i, t, v in done if i == item and t <= began - lag), default=0)
+            if got < must:
+                stale.append((item, began, got, must, own))
+        assert len(done) > 30 and len(reads) > 1000, (len(done), len(reads))
+        assert stale == [], f"{len(stale)} stale reads of {len(reads)}: {stale[:5]}"
+        assert min(local_hits) > 50, local_hits  # every process's L1 served reads
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        await cache.clear()
+        await cache.aclose()
+        await db.aclose()
