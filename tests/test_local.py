@@ -399,3 +399,25 @@ async def test_four_processes_with_l1_read_nothing_staler_than_the_bound(redis_u
         await cache.clear()
         await cache.aclose()
         await db.aclose()
+
+
+async def test_on_a_redis_cluster_copies_are_dropped_across_processes(redis_cluster_url: str) -> None:
+    ns = unique_namespace("l1cluster")
+    one, two = (Cache.from_url(redis_cluster_url, namespace=ns, local=LocalCache(ttl=60)) for _ in range(2))
+    try:
+        await live(one)
+        await live(two)
+        keys = [f"k{n}" for n in range(20)]  # over several buckets, hence primaries
+        for key in keys:
+            await one.set(key, key, tags=["t"])
+            assert await two.get(key) == key
+        for key in keys:
+            await until(lambda key=key: layer_of(two).get_local(ns, key) is not None, "copies are kept")
+        await one.invalidate_tags(["t"])
+        for key in keys:
+            await until(lambda key=key: layer_of(two).get_local(ns, key) is None, "copies are dropped")
+            assert await two.get(key) is None
+    finally:
+        await one.clear()
+        await one.aclose()
+        await two.aclose()
