@@ -21,7 +21,8 @@ How it stays coherent:
 
 - **In this process**, a write, delete, clear or invalidation drops the copies it
   touches before it returns, and a copy read from the shared store is kept only if
-  no change at all was made or heard while it was read: a read that begins after
+  no change that may concern it (its key, one of its tags, its namespace cleared,
+  the feed lost) was made or heard while it was read: a read that begins after
   ``invalidate_tags`` returned never sees the old value.
 - **Across processes**, every change is published on the shared store's
   :class:`~tagcache.backends.base.InvalidationFeed` (Redis pub/sub) after it is
@@ -41,7 +42,7 @@ import itertools
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -69,6 +70,8 @@ __all__ = ["LocalCache", "LocalLayer"]
 logger: Final = logging.getLogger("tagcache")
 
 _sources = itertools.count()
+#: Changes remembered for the copies being read meanwhile; a read older than that is not kept.
+_LOG_SIZE: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +145,12 @@ class LocalLayer:
         self._copies: OrderedDict[tuple[str, str], _Copy] = OrderedDict()
         self._by_tag: dict[tuple[str, str], set[str]] = {}
         self._bytes = 0
-        # Bumped by every change made or heard: a copy read while it moved is not kept.
+        # Bumped by every change made or heard, each noted in the log: a copy read while
+        # a change that may concern it was made or heard is not kept.
         self._epoch = 0
+        self._log: deque[tuple[int, str | None, frozenset[str], frozenset[str], bool]] = deque(
+            maxlen=_LOG_SIZE
+        )
         # Whether the feed's subscription is confirmed (copies are used only then).
         self._live = False
         self._task: asyncio.Task[None] | None = None
@@ -176,8 +183,31 @@ class LocalLayer:
 
     def _feed_state(self, live: bool) -> None:
         self._drop_all()
-        self._epoch += 1
+        self._changed(None)
         self._live = live
+
+    def _changed(
+        self, ns: str | None, keys: Sequence[str] = (), tags: Sequence[str] = (), cleared: bool = False
+    ) -> None:
+        """Note a change (made or heard; ``ns=None``: anything may have changed) for the
+        copies being read meanwhile (:meth:`_touched`)."""
+        self._epoch += 1
+        self._log.append((self._epoch, ns, frozenset(keys), frozenset(tags), cleared))
+
+    def _touched(self, since: int, ns: str, key: str, tags: Sequence[str]) -> bool:
+        """Whether a change noted after epoch ``since`` may concern the entry ``key``
+        (of namespace ``ns``, carrying ``tags``); ``True`` when the log no longer reaches back."""
+        log = self._log
+        if not log or log[0][0] > since + 1:
+            return True
+        for epoch, changed_ns, keys, changed_tags, cleared in reversed(log):
+            if epoch <= since:
+                return False
+            if changed_ns is None:
+                return True
+            if changed_ns == ns and (cleared or key in keys or not changed_tags.isdisjoint(tags)):
+                return True
+        return False
 
     def _heard(self, data: bytes) -> None:
         """A change published by any process (this one's own are skipped: applied already)."""
@@ -189,10 +219,10 @@ class LocalLayer:
             keys, tags, cleared = message.get("k", ()), message.get("t", ()), message.get("c", False)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
             logger.warning("tagcache: ignored a malformed change message: %r", data[:200])
-            self._epoch += 1
+            self._changed(None)
             self._drop_all()  # cannot know what it was about: keep nothing
             return
-        self._epoch += 1
+        self._changed(ns, keys, tags, cleared)
         self._apply(ns, keys, tags, cleared)
 
     def _apply(self, ns: str, keys: Sequence[str], tags: Sequence[str], cleared: bool) -> None:
@@ -241,7 +271,7 @@ class LocalLayer:
         self, ns: str, key: str, payload: bytes, tags: Sequence[str], ttl: float | None, epoch: int
     ) -> None:
         """Keep a copy, unless the feed is down or anything changed since ``epoch``."""
-        if not self._live or epoch != self._epoch or self._closed:
+        if not self._live or self._closed or (epoch != self._epoch and self._touched(epoch, ns, key, tags)):
             return
         settings = self.settings
         if settings.max_bytes is not None and len(payload) > settings.max_bytes:
@@ -264,8 +294,8 @@ class LocalLayer:
     def get_local(self, ns: str, key: str) -> bytes | None:
         """The copy of ``key`` held in process memory, or ``None`` (see
         :class:`~tagcache.backends.base.LocalReads`)."""
-        if not self._live:
-            return None
+        if not self._live or self._loop is not asyncio.get_running_loop():
+            return None  # no subscription (or only one of an earlier event loop): nothing is trusted
         copy_key = (ns, key)
         copy = self._copies.get(copy_key)
         if copy is None:
@@ -329,7 +359,7 @@ class LocalLayer:
     async def set(self, ns: str, key: str, payload: bytes, ttl: float | None, tags: Sequence[str]) -> None:
         """Write through, tell the other processes, keep a copy."""
         self._follow()
-        self._epoch += 1
+        self._changed(ns, (key,))
         epoch = self._epoch
         self._drop((ns, key))
         await self.remote.set(ns, key, payload, ttl, tags)
@@ -363,10 +393,10 @@ class LocalLayer:
     async def delete(self, ns: str, key: str) -> bool:
         """Delete through, drop the copy, tell the other processes."""
         self._follow()
-        self._epoch += 1
+        self._changed(ns, (key,))
         self._drop((ns, key))
         found = await self.remote.delete(ns, key)
-        self._epoch += 1
+        self._changed(ns, (key,))
         self._drop((ns, key))
         await self._publish(ns, keys=(key,))
         return found
@@ -374,18 +404,18 @@ class LocalLayer:
     async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
         """Invalidate through, drop the copies carrying the tags, tell the other processes."""
         self._follow()
-        self._epoch += 1
+        self._changed(ns, (), tags)
         await self.remote.invalidate(ns, tags)
-        self._epoch += 1
+        self._changed(ns, (), tags)
         self._apply(ns, (), tags, False)
         await self._publish(ns, tags=tags)
 
     async def clear(self, ns: str) -> int:
         """Clear through, drop the namespace's copies, tell the other processes."""
         self._follow()
-        self._epoch += 1
+        self._changed(ns, cleared=True)
         removed = await self.remote.clear(ns)
-        self._epoch += 1
+        self._changed(ns, cleared=True)
         self._apply(ns, (), (), True)
         await self._publish(ns, cleared=True)
         return removed
