@@ -32,6 +32,8 @@ DEFAULT_CHANNEL: Final = b"tagcache:local"
 #: Pause before reconnecting the subscription, first and longest (seconds).
 _RETRY_FIRST: Final = 0.05
 _RETRY_MAX: Final = 1.0
+#: Connections used to publish at once (more publishers queue).
+_PUBLISHERS: Final = 8
 
 
 class RedisFeed:
@@ -73,8 +75,11 @@ class RedisFeed:
         options = dict(self._endpoints[self._at % len(self._endpoints)])
         if self._connection_class is not None:
             options["connection_class"] = self._connection_class
-        pool = aioredis.ConnectionPool(
+        # Blocking: publishers beyond max_connections queue for a connection (bounded
+        # by the timeouts) instead of failing.
+        pool = aioredis.BlockingConnectionPool(
             max_connections=max_connections,
+            timeout=self._connect_timeout + self._socket_timeout,
             socket_timeout=self._socket_timeout,
             socket_connect_timeout=self._connect_timeout,
             **options,
@@ -92,7 +97,7 @@ class RedisFeed:
         loop = asyncio.get_running_loop()
         if self._publisher is None or self._publisher_loop is not loop:
             # A client per event loop; one of an earlier loop is dropped, not awaited.
-            self._publisher, self._publisher_loop = self._client(4), loop
+            self._publisher, self._publisher_loop = self._client(_PUBLISHERS), loop
         try:
             await self._publisher.publish(self._channel, message)
         except (RedisError, OSError) as exc:
