@@ -50,9 +50,18 @@ async def test_no_stale_reads(make_backend: Callable[..., Backend], processes: i
 
         return load
 
+    writing = True
+    reads = 0
+
     async def reader(n: int) -> None:
+        nonlocal reads
         cache = caches[n % processes]
-        for _ in range(READS_PER_READER):
+        done = 0
+        # Until the writer is done too: readers served from process memory (an L1) would
+        # otherwise finish long before the writes, and the run would test little.
+        while done < READS_PER_READER or writing:
+            done += 1
+            reads += 1
             item = rng.randrange(ITEMS)
             must_see = floor[item]
             got = await cache.get_or_set(f"item:{item}", loader_for(item), ttl=60, tags=[f"item:{item}"])
@@ -61,16 +70,20 @@ async def test_no_stale_reads(make_backend: Callable[..., Backend], processes: i
             await asyncio.sleep(rng.random() * 0.002)
 
     async def writer() -> None:
-        for n in range(WRITES):
-            item = rng.randrange(ITEMS)
-            source[item] += 1
-            version = source[item]
-            await caches[n % processes].invalidate_tags([f"item:{item}"])
-            floor[item] = max(floor[item], version)
-            await asyncio.sleep(rng.random() * 0.003)
+        nonlocal writing
+        try:
+            for n in range(WRITES):
+                item = rng.randrange(ITEMS)
+                source[item] += 1
+                version = source[item]
+                await caches[n % processes].invalidate_tags([f"item:{item}"])
+                floor[item] = max(floor[item], version)
+                await asyncio.sleep(rng.random() * 0.003)
+        finally:
+            writing = False
 
     await asyncio.gather(writer(), *(reader(n) for n in range(READERS)))
-    total_reads = READERS * READS_PER_READER
+    total_reads = reads
     stats = [await cache.stats() for cache in caches]
     hits = sum(s.hits for s in stats)
     assert stale == [], f"{len(stale)} stale reads of {total_reads}: {stale[:5]}"

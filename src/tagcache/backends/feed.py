@@ -104,7 +104,7 @@ class RedisFeed:
             self._at += 1  # the next publish tries the next endpoint (a cluster's other node)
             publisher, self._publisher = self._publisher, None
             with contextlib.suppress(Exception):
-                await publisher.aclose()
+                await _close(publisher)
             raise BackendError(
                 f"Redis publish of a change to {self._where()} failed: {type(exc).__name__}: {exc}"
             ) from exc
@@ -161,7 +161,7 @@ class RedisFeed:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 with contextlib.suppress(Exception):
-                    await client.aclose()
+                    await _close(client)
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX)
 
@@ -170,4 +170,10 @@ class RedisFeed:
         self._closed = True
         publisher, self._publisher = self._publisher, None
         if publisher is not None and self._publisher_loop is asyncio.get_running_loop():
-            await publisher.aclose()
+            await _close(publisher)
+
+
+async def _close(client: aioredis.Redis) -> None:
+    """Close ``client`` and the connections of its pool (given to it, so not closed by it)."""
+    await client.aclose()
+    await client.connection_pool.disconnect()
