@@ -18,7 +18,7 @@ import pytest
 from tagcache import Cache
 from tagcache.backends import Backend, MemoryBackend
 
-from tests.redis_cluster import Cluster, cluster_binaries_available, start_cluster
+from tests.redis_cluster import Cluster, cluster_binaries_available, redis_cluster
 from tests.redis_server import RedisProcess, redis_server, redis_server_available
 
 BACKEND_KINDS = ("memory", "fakeredis", "redis", "cluster", "l1")
@@ -46,16 +46,18 @@ def redis_url() -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[Cluster]:
-    """A local Redis Cluster of 3 primaries for the whole test session (stopped at its end)."""
+def local_cluster(primaries: int, replicas_per_primary: int) -> Iterator[Cluster]:
+    """A local Redis Cluster for a fixture to yield (stopped after), or a skip saying why."""
     if not cluster_binaries_available():
         no_redis("redis-server and redis-cli are needed for a local Redis Cluster")
-    cluster = start_cluster(3, 0)
-    try:
+    with redis_cluster(primaries, replicas_per_primary) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
+
+
+@pytest.fixture(scope="session", name="redis_cluster")
+def session_cluster() -> Iterator[Cluster]:
+    """A local Redis Cluster of 3 primaries for the whole test session (stopped at its end)."""
+    yield from local_cluster(3, 0)
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,12 @@ from tagcache.backends import Backend, RedisBackend
 from tagcache.backends.cluster import RedisClusterBackend
 from tagcache.backends.redis import bucket_hash_tag, bucket_index
 
-from tests.conftest import no_redis, unique_namespace
+from tests.conftest import local_cluster, unique_namespace
 from tests.redis_cluster import (
     Cluster,
     ClusterNode,
-    cluster_binaries_available,
     command,
     key_slot,
-    start_cluster,
 )
 
 #: Generous bound for a call while a primary hangs: its socket timeout is 0.5 s.
@@ -160,13 +158,7 @@ async def test_info_and_health_cover_every_primary(cluster_backend: RedisCluster
 @pytest.fixture
 def replicated_cluster() -> Iterator[Cluster]:
     """A cluster of 3 primaries with a replica each, for this test only."""
-    if not cluster_binaries_available():
-        no_redis("redis-server and redis-cli are needed for a local Redis Cluster")
-    cluster = start_cluster(3, 1)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from local_cluster(3, 1)
 
 
 async def timed(call: Callable[[], Any]) -> tuple[Any, float]:
@@ -256,13 +248,7 @@ async def test_a_hung_primary_fails_open_for_its_keys_only_and_its_replica_takes
 @pytest.fixture
 def own_cluster() -> Iterator[Cluster]:
     """A cluster of 3 primaries for this test only (its slots are moved)."""
-    if not cluster_binaries_available():
-        no_redis("redis-server and redis-cli are needed for a local Redis Cluster")
-    cluster = start_cluster(3, 0)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from local_cluster(3, 0)
 
 
 def move_slot(cluster: Cluster, slot: int, source: ClusterNode, target: ClusterNode) -> None:

@@ -363,8 +363,10 @@ class ReadThrough:
         # Bound methods looked up once: the hit path runs them on every call.
         self._backend_get = backend.get
         self._get_nowait = backend.get_nowait if isinstance(backend, NowaitReads) else None
-        # Copies in process memory (an L1): a hit without I/O when present, else the backend.
-        self._get_local = backend.get_local if isinstance(backend, LocalReads) else None
+        # A read without I/O for cached_nowait: the in-process store's, or the copies an L1
+        # keeps in process memory (a hit when present; else load() asks the backend).
+        local = backend.get_local if isinstance(backend, LocalReads) else None
+        self._read_nowait = self._get_nowait or local
         self._can_watch = isinstance(backend, SupportsWatch)
         #: The codec's ``decode``, or ``None`` for a codec binding payloads to their
         #: place (it gets "namespace NUL key" as context): then hit paths call
@@ -525,7 +527,7 @@ class ReadThrough:
         fresh entry. Otherwise :data:`NOT_FOUND` (nothing is counted then): the caller
         goes on with :meth:`load`. The fast path of decorated calls on in-process backends.
         """
-        nowait = self._get_nowait or self._get_local
+        nowait = self._read_nowait
         if nowait is None or self.pending or DISABLED.get():
             return NOT_FOUND
         try:
