@@ -65,6 +65,7 @@ from tagcache.backends.redis import (
     RedisBackend,
     bucket_hash_tag,
     bucket_index,
+    check_connection_options,
     is_cluster_reply,
 )
 from tagcache.exceptions import BackendError, BackendUnavailableError, ConfigurationError
@@ -215,14 +216,7 @@ class RedisClusterBackend:
     ) -> None:
         if type(buckets) is not int or not 1 <= buckets <= 4096:
             raise ConfigurationError(f"buckets must be an int from 1 to 4096, got {buckets!r}")
-        if type(max_connections) is not int or max_connections < 1:
-            raise ConfigurationError(f"max_connections must be a positive int, got {max_connections!r}")
-        for what, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
-                raise ConfigurationError(
-                    f"{what} must be a positive number of seconds (at most 3600), got {value!r}: "
-                    "tagcache always bounds how long a call may wait for Redis"
-                )
+        check_connection_options(max_connections, socket_timeout, connect_timeout)
         # Checked now, so a bad setting fails here rather than at the first call.
         CircuitBreaker(breaker_failures, breaker_cooldown)
         connection_class: type[Connection] = SSLConnection if ssl else Connection

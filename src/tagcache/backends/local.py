@@ -157,7 +157,7 @@ class LocalLayer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._filling: set[tuple[str, str]] = set()
         self._background: set[asyncio.Task[Any]] = set()
-        self._source = f"{os.getpid()}:{next(_sources)}".encode()
+        self._source = f"{os.getpid()}:{next(_sources)}"
         self._closed = False
         self._can_peek = isinstance(remote, SupportsPeek)
         #: Copies served, and reads that found none (for health()).
@@ -213,7 +213,7 @@ class LocalLayer:
         """A change published by any process (this one's own are skipped: applied already)."""
         try:
             message = orjson.loads(data)
-            if message.get("s") == self._source.decode():
+            if message.get("s") == self._source:
                 return
             ns = message["n"]
             keys, tags, cleared = message.get("k", ()), message.get("t", ()), message.get("c", False)
@@ -239,7 +239,7 @@ class LocalLayer:
     async def _publish(
         self, ns: str, *, keys: Sequence[str] = (), tags: Sequence[str] = (), cleared: bool = False
     ) -> None:
-        message: dict[str, Any] = {"s": self._source.decode(), "n": ns}
+        message: dict[str, Any] = {"s": self._source, "n": ns}
         if keys:
             message["k"] = list(keys)
         if tags:

@@ -129,6 +129,7 @@ __all__ = [
     "RedisBackend",
     "bucket_hash_tag",
     "bucket_index",
+    "check_connection_options",
     "is_cluster_reply",
 ]
 
@@ -423,6 +424,20 @@ class _Bucket:
         return packed
 
 
+def check_connection_options(
+    max_connections: object, socket_timeout: object, connect_timeout: object
+) -> None:
+    """Raise :class:`~tagcache.ConfigurationError` for a pool size or timeout tagcache cannot use."""
+    if type(max_connections) is not int or max_connections < 1:
+        raise ConfigurationError(f"max_connections must be a positive int, got {max_connections!r}")
+    for what, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+            raise ConfigurationError(
+                f"{what} must be a positive number of seconds (at most 3600), got {value!r}: "
+                "tagcache always bounds how long a call may wait for Redis"
+            )
+
+
 def is_cluster_reply(exc: BaseException | None) -> bool:
     """Whether ``exc`` is a Redis Cluster redirection or refusal (``MOVED``, ``ASK``,
     ``TRYAGAIN``, ``CLUSTERDOWN``, ``CROSSSLOT``): the command ran nowhere."""
@@ -673,14 +688,7 @@ class RedisBackend:
     ) -> None:
         if type(buckets) is not int or buckets < 1:
             raise ConfigurationError(f"buckets must be a positive int, got {buckets!r}")
-        if type(max_connections) is not int or max_connections < 1:
-            raise ConfigurationError(f"max_connections must be a positive int, got {max_connections!r}")
-        for what, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
-                raise ConfigurationError(
-                    f"{what} must be a positive number of seconds (at most 3600), got {value!r}: "
-                    "tagcache always bounds how long a call may wait for Redis"
-                )
+        check_connection_options(max_connections, socket_timeout, connect_timeout)
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise ConfigurationError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
         pool = getattr(client, "connection_pool", None)
