@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tagcache import BackendError, Cache, ConfigurationError
+from tagcache import Cache, ConfigurationError, PartialInvalidationError
 from tagcache.backends import Backend, RedisBackend
 from tagcache.backends.cluster import RedisClusterBackend
 from tagcache.backends.redis import bucket_hash_tag, bucket_index
@@ -128,9 +128,9 @@ async def test_invalidate_calls_each_primary_once_and_misses_everywhere(
     calls: list[int] = []
     original = RedisBackend.invalidate
 
-    async def counted(self: RedisBackend, ns: str, tags: Any) -> None:
+    async def counted(self: RedisBackend, ns: str, tags: Any, **options: Any) -> None:
         calls.append(id(self))
-        await original(self, ns, tags)
+        await original(self, ns, tags, **options)
 
     monkeypatch.setattr(RedisBackend, "invalidate", counted)
     await cache.invalidate_tags(["shared"])
@@ -212,14 +212,28 @@ async def test_a_hung_primary_fails_open_for_its_keys_only_and_its_replica_takes
         assert all(loads[k] == before[k] for k in kept)
         assert backend.health()["breaker"] == "open"  # type: ignore[attr-defined]  # RedisClusterBackend
 
-        # An invalidation while a primary hangs fails there (and says so); the cache keeps
-        # it, bypasses its entries meanwhile and replays it.
+        # An invalidation while a primary hangs is applied on the others and fails on the
+        # hung one's buckets (and says which); the cache keeps it for those buckets,
+        # bypasses their keys meanwhile and replays it there.
         version = 2
-        with pytest.raises(BackendError):
+        with pytest.raises(PartialInvalidationError) as caught:
             await cache.invalidate_tags(["items"])
+        assert {bucket_index(k.encode(), 64) for k in lost} <= caught.value.scope
+        assert not {bucket_index(k.encode(), 64) for k in kept} & caught.value.scope
         assert (await cache.stats()).pending_invalidations == 1
-        value, _ = await read(kept[0])
-        assert value == f"{kept[0]}:v2"  # never the value from before the invalidation
+        for key in kept:  # never the value from before the invalidation: reloaded once...
+            value, _ = await read(key)
+            assert value == f"{key}:v2"
+        reloaded = dict(loads)
+        for key in kept:  # ...then hits again while the primary still hangs
+            value, took = await read(key)
+            assert value == f"{key}:v2"
+            assert took < SLOW_CALL
+        assert all(loads[k] == reloaded[k] for k in kept)
+        for key in lost[:3]:  # the hung primary's keys still bypass the cache
+            value, _ = await read(key)
+            assert value == f"{key}:v2"
+            assert loads[key] == reloaded[key] + 1
 
         await asyncio.to_thread(cluster.wait_until_ok, 60.0)  # the replica took over
         deadline = time.monotonic() + 30

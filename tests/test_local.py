@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tagcache import Cache, ConfigurationError, LocalCache
+from tagcache import BackendError, Cache, ConfigurationError, LocalCache, PartialInvalidationError
 from tagcache.backends import MemoryBackend, RedisBackend
+from tagcache.backends.cluster import DEFAULT_CLUSTER_BUCKETS
 from tagcache.backends.feed import RedisFeed
 from tagcache.backends.local import LocalLayer
+from tagcache.backends.redis import bucket_index
 
 from tests.conftest import unique_namespace
 
@@ -427,6 +429,53 @@ async def test_on_a_redis_cluster_copies_are_dropped_across_processes(redis_clus
         for key in keys:
             await until(lambda key=key: layer_of(two).get_local(ns, key) is None, "copies are dropped")
             assert await two.get(key) is None
+    finally:
+        await one.clear()
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_an_invalidation_failing_on_one_primary_still_drops_the_copies(
+    redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = unique_namespace("l1partial")
+    one, two = (Cache.from_url(redis_cluster_url, namespace=ns, local=LocalCache(ttl=60)) for _ in range(2))
+    keys = [f"k{n}" for n in range(20)]  # over several buckets, hence primaries
+    failing = bucket_index(keys[0].encode(), DEFAULT_CLUSTER_BUCKETS)
+    original = RedisBackend.invalidate
+
+    async def fails_on_one_primary(self: RedisBackend, ns: str, tags: Any, **options: Any) -> None:
+        if failing in options.get("buckets", ()):
+            raise BackendError("this primary is down")
+        await original(self, ns, tags, **options)
+
+    try:
+        await live(one)
+        await live(two)
+        for key in keys:
+            await one.set(key, key, tags=["t"])
+        for key in keys:
+            await copied(one, key)
+            await copied(two, key)
+        monkeypatch.setattr(RedisBackend, "invalidate", fails_on_one_primary)
+        with pytest.raises(PartialInvalidationError) as caught:
+            await one.invalidate_tags(["t"])
+        lost = [k for k in keys if bucket_index(k.encode(), DEFAULT_CLUSTER_BUCKETS) in caught.value.scope]
+        kept = [k for k in keys if k not in lost]
+        assert lost and kept
+        # In the issuing process: no copy survives, the applied part reads as invalidated,
+        # the failed part bypasses the cache.
+        assert all(layer_of(one).get_local(ns, k) is None for k in keys)
+        assert [await one.get(k) for k in keys] == [None] * len(keys)
+        # The other process was told: it drops its copies and reads the applied part as invalidated.
+        for key in keys:
+            await until(lambda key=key: layer_of(two).get_local(ns, key) is None, "copies are dropped")
+        assert [await two.get(k) for k in kept] == [None] * len(kept)
+        monkeypatch.setattr(RedisBackend, "invalidate", original)
+        assert (await one.stats()).pending_invalidations == 1
+        assert await one.get(lost[0]) is None  # re-applied there now
+        assert (await one.stats()).pending_invalidations == 0
+        assert await two.get(lost[0]) is None
     finally:
         await one.clear()
         await one.aclose()

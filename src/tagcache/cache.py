@@ -34,7 +34,13 @@ from tagcache.backends.local import LocalCache, LocalLayer
 from tagcache.codec import Codec, JsonCodec
 from tagcache.decorator import DEFAULT, check_source_options, is_decoratable, make_decorator
 from tagcache.envelope import ENVELOPE_BYTE, META, strip
-from tagcache.exceptions import BackendError, ConfigurationError, TagCacheError, UnsupportedOperationError
+from tagcache.exceptions import (
+    BackendError,
+    ConfigurationError,
+    PartialInvalidationError,
+    TagCacheError,
+    UnsupportedOperationError,
+)
 from tagcache.readthrough import DISABLED, LoadPolicy, LoadRequest, ReadThrough
 from tagcache.stats import CacheStats, Counters, FunctionStats, note_write
 from tagcache.tags import MAX_KEY_LENGTH, check_key, check_tags, ttl_seconds
@@ -425,6 +431,7 @@ class Cache:
         self._decode_bound = engine.decode_bound
         self._corrupt = engine.corrupt
         self._replay_pending = engine.replay_pending
+        self._may_read = engine.may_read
         self._flights = engine.flights
         self._pending = engine.pending
         self._health = backend.health if isinstance(backend, HealthReporting) else None
@@ -602,7 +609,7 @@ class Cache:
         if _DISABLED.get():
             counters.misses += 1
             return default
-        if self._pending and not await self._replay_pending():
+        if self._pending and not await self._may_read(key):
             counters.misses += 1
             return default
         try:
@@ -755,21 +762,32 @@ class Cache:
         if not tag_tuple:
             return
         engine = self._engine
-        if self._pending:
-            # Earlier failed invalidations go first.
+        if self._pending and not engine.failed_in_part():
+            # Earlier failed invalidations go first (the backend was failing as a whole;
+            # after failures in part only, this one is tried directly: its keys are served).
             seq = engine.remember(tag_tuple)
             await self._replay_pending()
-            if engine.applied < seq:
-                raise BackendError(
-                    f"invalidation of tags {list(tag_tuple)} in namespace {self._ns!r} not applied: "
-                    f"the backend is failing ({engine.replay_error}); it will be re-applied before "
-                    "this cache reads again"
-                ) from engine.replay_error
+            left = engine.unapplied(seq)
+            if left is not None:
+                message = (
+                    f"invalidation of tags {list(tag_tuple)} in namespace {self._ns!r} not applied"
+                    f"{'' if left.scope is None else f' in {len(left.scope)} bucket(s)'}: the backend "
+                    f"is failing ({engine.replay_error}); it will be re-applied before this cache "
+                    "reads again"
+                )
+                if left.scope is None:
+                    raise BackendError(message) from engine.replay_error
+                raise PartialInvalidationError(message, left.scope) from engine.replay_error
             return
         try:
             await self._backend.invalidate(self._ns, tag_tuple)
         except ConfigurationError:
             raise  # not configured: nothing to re-apply later
+        except PartialInvalidationError as exc:
+            # Applied, except in the buckets it names: only their keys bypass the cache.
+            self._counters.errors += 1
+            engine.remember(tag_tuple, exc.scope)
+            raise
         except BaseException as exc:
             # Cancelled callers too: the invalidation may not have reached the backend.
             if isinstance(exc, Exception):

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidTagError",
     "InvalidTTLError",
+    "PartialInvalidationError",
     "SerializationError",
     "TagCacheError",
     "UnsupportedArgumentError",
@@ -67,6 +68,21 @@ class BackendUnavailableError(BackendError):
 
     The message says since when the breaker has been open.
     """
+
+
+class PartialInvalidationError(BackendError):
+    """An invalidation reached part of the namespace only: a backend spread over several
+    servers (Redis Cluster) applied it on the servers that answered and failed on the others.
+
+    :attr:`scope` names the parts (the namespace's buckets) where it may not have
+    been applied. The cache re-applies it there, and meanwhile bypasses itself for
+    the keys of those parts only; the other keys keep being served from the cache.
+    """
+
+    def __init__(self, message: str, scope: frozenset[int]) -> None:
+        super().__init__(message)
+        #: The buckets of the namespace where the invalidation may not have been applied.
+        self.scope = scope
 
 
 class UnsupportedArgumentError(TagCacheError, TypeError):

@@ -32,12 +32,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Generic, TypeAlias, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
-from tagcache.backends.base import Backend, LocalReads, Lookup, NowaitReads, SupportsWatch
+from tagcache.backends.base import Backend, LocalReads, Lookup, NowaitReads, ScopedInvalidation, SupportsWatch
 from tagcache.codec import Codec, KeyBoundCodec
 from tagcache.envelope import ENVELOPE, META, strip, wrap
-from tagcache.exceptions import BackendError, SerializationError, ValueTooLargeError
+from tagcache.exceptions import BackendError, PartialInvalidationError, SerializationError, ValueTooLargeError
 from tagcache.stats import Counters, note_not_stored, note_write
 from tagcache.tags import check_tags
 
@@ -61,6 +61,9 @@ STRICT: Final[ContextVar[bool]] = ContextVar("tagcache_strict", default=False)
 _RELEASE_TIMEOUT: Final = 2.0
 #: Seconds one backend call re-applying a pending invalidation may take.
 _REPLAY_TIMEOUT: Final = 10.0
+#: Seconds between the background replays started by reads that the pending
+#: invalidations do not concern (after a partial failure).
+_REPLAY_KICK_INTERVAL: Final = 0.1
 #: Tags of failed invalidations remembered for replay; beyond this many, the
 #: replay becomes one clear of the namespace.
 _MAX_PENDING_TAGS: Final = 10_000
@@ -326,9 +329,22 @@ class _Loaded:
         self.problem = problem
 
 
-#: A failed invalidation waiting to be re-applied: its sequence number and its tags
-#: (``None``: clear the whole namespace, what too many pending tags collapse into).
-_Pending: TypeAlias = "tuple[int, tuple[str, ...] | None]"
+class _Pending:
+    """A failed invalidation waiting to be re-applied."""
+
+    __slots__ = ("first", "scope", "seq", "tags")
+
+    def __init__(
+        self, seq: int, tags: tuple[str, ...] | None, scope: frozenset[int] | None, first: int
+    ) -> None:
+        #: The sequence number of the (latest) invalidation it stands for.
+        self.seq = seq
+        #: The smallest sequence number it stands for (several collapse into one clear).
+        self.first = first
+        #: Its tags; ``None``: clear the whole namespace, what too many pending tags collapse into.
+        self.tags = tags
+        #: The buckets where it may not be applied (a partial failure); ``None``: all of them.
+        self.scope = scope
 
 
 class ReadThrough:
@@ -391,14 +407,18 @@ class ReadThrough:
         self._refreshed: dict[str, float] = {}
         self._incident = False
         self._closed = False
-        #: Failed invalidations, oldest first, re-applied before the next read.
+        #: Failed invalidations, oldest first, re-applied before the next read of a key
+        #: they concern (every key, unless a backend said which part of it failed).
         self.pending: deque[_Pending] = deque()
         self._pending_tags = 0
         #: Sequence number of the latest invalidation remembered.
         self.seq = 0
-        #: Every remembered invalidation numbered up to this is applied.
-        self.applied = 0
+        self._scope_of = backend.scope_of if isinstance(backend, ScopedInvalidation) else None
+        self._invalidate_scope = backend.invalidate_scope if isinstance(backend, ScopedInvalidation) else None
         self._replaying: asyncio.Task[Any] | None = None
+        # Monotonic time before which reads the pending invalidations do not concern
+        # start no replay in the background (a failing part is retried this often).
+        self._next_kick = 0.0
         #: Why the latest replay failed (``None`` after one succeeded).
         self.replay_error: BaseException | None = None
         self._replay_failing = False
@@ -565,7 +585,7 @@ class ReadThrough:
             if stats is not None:
                 stats.misses += 1
             return await self._call(request)
-        if self.pending and not await self.replay_pending():
+        if self.pending and not await self.may_read(key):
             # A failed invalidation is not re-applied yet: the store may be stale.
             counters.misses += 1
             if stats is not None:
@@ -1099,44 +1119,90 @@ class ReadThrough:
 
     # ------------------------------------------------------------------ pending invalidations
 
-    def remember(self, tags: tuple[str, ...]) -> int:
-        """Queue a failed invalidation of ``tags`` for re-applying; return its sequence number."""
+    def remember(self, tags: tuple[str, ...], scope: frozenset[int] | None = None) -> int:
+        """Queue a failed invalidation of ``tags`` for re-applying (in the buckets of
+        ``scope`` only, when the backend said which part failed); return its sequence number."""
         seq = self.seq = self.seq + 1
         pending = self.pending
         first = not pending
-        if (pending and pending[0][1] is None) or self._pending_tags + len(tags) > _MAX_PENDING_TAGS:
-            if not pending or pending[0][1] is not None:
+        if (pending and pending[0].tags is None) or self._pending_tags + len(tags) > _MAX_PENDING_TAGS:
+            if not pending or pending[0].tags is not None:
                 logger.error(
                     "tagcache: more than %d tags of failed invalidations pending in namespace %r; "
                     "they will be re-applied as one clear of the namespace",
                     _MAX_PENDING_TAGS,
                     self._ns,
                 )
-            # A clear begun before this invalidation would not cover it: a new entry.
+            # A clear begun before this invalidation would not cover it: a new entry,
+            # standing for every invalidation it replaces.
+            oldest = pending[0].first if pending else seq
             pending.clear()
-            pending.append((seq, None))
+            pending.append(_Pending(seq, None, None, oldest))
             self._pending_tags = 0
         else:
-            pending.append((seq, tags))
+            pending.append(_Pending(seq, tags, scope, seq))
             self._pending_tags += len(tags)
         if first:
             logger.error(
-                "tagcache: invalidation of %s in namespace %r failed; it will be re-applied before "
-                "this cache reads again, and until then reads bypass the cache",
+                "tagcache: invalidation of %s in namespace %r failed%s; it will be re-applied before "
+                "this cache reads again, and until then reads bypass the cache%s",
                 list(tags),
                 self._ns,
+                "" if scope is None else f" in {len(scope)} bucket(s)",
+                "" if scope is None else " for the keys of those buckets",
             )
         return seq
+
+    def unapplied(self, seq: int) -> _Pending | None:
+        """The pending invalidation standing for the one numbered ``seq``, if not applied yet."""
+        for item in self.pending:
+            if item.first <= seq <= item.seq:
+                return item
+        return None
+
+    def failed_in_part(self) -> bool:
+        """Whether every pending invalidation failed in part only (the backend said where)."""
+        return all(item.scope is not None for item in self.pending)
 
     def cleared(self, started: int) -> None:
         """Settle the pending invalidations covered by a clear of the namespace that
         began when :attr:`seq` was ``started``."""
         pending = self.pending
-        while pending and pending[0][0] <= started:
-            tags = pending.popleft()[1]
-            if tags is not None:
-                self._pending_tags -= len(tags)
-        self.applied = max(self.applied, started)
+        for item in [item for item in pending if item.seq <= started]:
+            pending.remove(item)
+            if item.tags is not None:
+                self._pending_tags -= len(item.tags)
+
+    def _covers(self, key: str) -> bool:
+        """Whether a pending invalidation may concern ``key``."""
+        scope_of = self._scope_of
+        bucket = -1
+        for item in self.pending:
+            scope = item.scope
+            if scope is None or scope_of is None:
+                return True
+            if bucket < 0:
+                bucket = scope_of(self._ns, key)
+            if bucket in scope:
+                return True
+        return False
+
+    async def may_read(self, key: str) -> bool:
+        """With invalidations pending: whether ``key`` may be read from the backend now.
+
+        A key they concern waits for a replay of them (shared), and may be read if
+        that leaves none concerning it. A key in a part of the namespace where
+        every pending invalidation was applied (a partial failure) may be read at
+        once; a replay is started in the background, at most every 0.1 s."""
+        if not self._covers(key):
+            now = time.monotonic()
+            if self._replaying is None and now >= self._next_kick:
+                self._next_kick = now + _REPLAY_KICK_INTERVAL
+                self._follow_loop()
+                self._replaying = self._spawn(self._replay())
+            return True
+        await self.replay_pending()
+        return not self.pending or not self._covers(key)
 
     async def replay_pending(self) -> bool:
         """Re-apply the pending invalidations (one replay at a time, shared by the callers
@@ -1149,27 +1215,48 @@ class ReadThrough:
         return not self.pending
 
     async def _replay(self) -> None:
+        """Re-apply the pending invalidations, oldest first. One that fails in part is
+        narrowed to the part that failed, and one limited to a part already that fails
+        there is kept; then the next is tried. One that fails on the whole namespace
+        stops the replay (the backend is failing)."""
         pending, backend, ns = self.pending, self._backend, self._ns
+        invalidate_scope = self._invalidate_scope
         replayed = 0
+        failure: BaseException | None = None
         try:
-            while pending:
-                item = pending[0]
-                seq, tags = item
-                if tags is None:
-                    await asyncio.wait_for(backend.clear(ns), _REPLAY_TIMEOUT)
-                else:
-                    await asyncio.wait_for(backend.invalidate(ns, tags), _REPLAY_TIMEOUT)
+            for item in list(pending):
+                tags, scope = item.tags, item.scope
+                try:
+                    if tags is None:
+                        await asyncio.wait_for(backend.clear(ns), _REPLAY_TIMEOUT)
+                    elif scope is None or invalidate_scope is None:
+                        await asyncio.wait_for(backend.invalidate(ns, tags), _REPLAY_TIMEOUT)
+                    else:
+                        await asyncio.wait_for(invalidate_scope(ns, tags, scope), _REPLAY_TIMEOUT)
+                except PartialInvalidationError as exc:
+                    item.scope = exc.scope if scope is None else scope & exc.scope
+                    failure = exc
+                    continue
+                except BackendError as exc:
+                    if scope is None:
+                        raise
+                    failure = exc  # its part still fails; the others may not
+                    continue
+                if tags is not None:
                     self.counters.invalidations += len(tags)
                 # A collapse or a clear() may have replaced the queue meanwhile.
-                if pending and pending[0] is item:
-                    pending.popleft()
+                if item in pending:
+                    pending.remove(item)
                     if tags is not None:
                         self._pending_tags -= len(tags)
-                self.applied = max(self.applied, seq)
                 replayed += 1
         except Exception as exc:
+            failure = exc
+        finally:
+            self._replaying = None
+        if failure is not None:
             self.counters.errors += 1
-            self.replay_error = exc
+            self.replay_error = failure
             if not self._replay_failing:
                 self._replay_failing = True
                 logger.error(
@@ -1177,16 +1264,14 @@ class ReadThrough:
                     "(%s: %s); reads bypass the cache until they are",
                     len(pending),
                     ns,
-                    type(exc).__name__,
-                    exc,
+                    type(failure).__name__,
+                    failure,
                 )
         else:
             self._replay_failing = False
             self.replay_error = None
             if replayed:
                 logger.warning("tagcache: re-applied %d failed invalidation(s) in namespace %r", replayed, ns)
-        finally:
-            self._replaying = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1204,8 +1289,8 @@ class ReadThrough:
                     self._ns,
                     len(self.pending),
                     "the whole namespace"
-                    if self.pending[0][1] is None
-                    else sorted({tag for _, tags in self.pending for tag in tags or ()}),
+                    if self.pending[0].tags is None
+                    else sorted({tag for item in self.pending for tag in item.tags or ()}),
                 )
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

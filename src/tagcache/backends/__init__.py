@@ -2,7 +2,8 @@
 
 :class:`Backend` is the core every backend implements; :class:`SupportsWatch`,
 :class:`SupportsPeek`, :class:`SupportsKeys`, :class:`SupportsInfo`,
-:class:`NowaitReads` and :class:`HealthReporting` are optional capabilities.
+:class:`NowaitReads`, :class:`HealthReporting` and :class:`ScopedInvalidation` are optional
+capabilities.
 
 ``RedisBackend`` and ``RedisClusterBackend`` need redis-py (``pip install 'tagcache[redis]'``);
 they are imported on first access, so this package imports without redis installed.
@@ -20,6 +21,7 @@ from tagcache.backends.base import (
     HealthReporting,
     Lookup,
     NowaitReads,
+    ScopedInvalidation,
     SupportsInfo,
     SupportsKeys,
     SupportsPeek,
@@ -44,6 +46,7 @@ __all__ = [
     "NowaitReads",
     "RedisBackend",
     "RedisClusterBackend",
+    "ScopedInvalidation",
     "SupportsInfo",
     "SupportsKeys",
     "SupportsPeek",

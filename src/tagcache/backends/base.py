@@ -372,6 +372,25 @@ class LocalReads(Protocol):
 
 
 @runtime_checkable
+class ScopedInvalidation(Protocol):
+    """Optional capability of a backend spread over several servers, whose invalidation
+    can fail on some of them only (it then raises :class:`~tagcache.PartialInvalidationError`
+    naming the failed part of the namespace, its *scope*: a set of bucket numbers).
+
+    With it, a cache whose invalidation failed in part bypasses itself only for the
+    keys of the failed part, and re-applies the invalidation there only.
+    """
+
+    def scope_of(self, ns: str, key: str) -> int:
+        """The bucket of namespace ``ns`` that ``key`` belongs to (no I/O)."""
+
+    async def invalidate_scope(self, ns: str, tags: Sequence[str], scope: frozenset[int]) -> None:
+        """:meth:`Backend.invalidate` restricted to the buckets in ``scope``. Raises
+        :class:`~tagcache.PartialInvalidationError` (a narrower scope) when it fails on
+        part of them, :class:`~tagcache.BackendError` when it fails on all."""
+
+
+@runtime_checkable
 class InvalidationFeed(Protocol):
     """A channel through which every process using a shared store learns of its changes.
 

@@ -68,7 +68,12 @@ from tagcache.backends.redis import (
     check_connection_options,
     is_cluster_reply,
 )
-from tagcache.exceptions import BackendError, BackendUnavailableError, ConfigurationError
+from tagcache.exceptions import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigurationError,
+    PartialInvalidationError,
+)
 
 __all__ = ["DEFAULT_CLUSTER_BUCKETS", "RedisClusterBackend"]
 
@@ -594,11 +599,75 @@ class RedisClusterBackend:
 
     async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
         """Delete the tags' tokens in every bucket: one pipelined round trip per primary,
-        all primaries at once. Raises if any primary fails (the cache replays it)."""
-        if not tags:
-            return
-        self._space(ns)
-        await self._everywhere(lambda b: b.invalidate(ns, tags))
+        all primaries at once.
+
+        When some primaries fail and others applied it, raises
+        :class:`~tagcache.PartialInvalidationError` naming the buckets of the failed
+        ones (the cache re-applies it there, with :meth:`invalidate_scope`, and keeps
+        serving the other buckets); when all fail, the first failure."""
+        if tags:
+            await self._invalidate(ns, tags, range(self._buckets))
+
+    async def invalidate_scope(self, ns: str, tags: Sequence[str], scope: frozenset[int]) -> None:
+        """:meth:`invalidate` on the buckets in ``scope`` only, on their primaries now."""
+        if tags and scope:
+            await self._invalidate(ns, tags, sorted(scope))
+
+    def scope_of(self, ns: str, key: str) -> int:
+        """The bucket of ``key`` in namespace ``ns`` (what :meth:`invalidate_scope` takes)."""
+        return bucket_index(key.encode(), self._buckets)
+
+    async def _invalidate(self, ns: str, tags: Sequence[str], buckets: Sequence[int]) -> None:
+        """Invalidate ``tags`` in ``buckets``: each primary gets the buckets it holds, as of
+        one reading of the slot map, so every bucket goes to exactly one primary."""
+        space = self._space(ns)
+        if self._owners is None:
+            await self._discover()
+        for attempt in range(2):
+            owners = self._owners
+            assert owners is not None
+            parts: dict[int, tuple[_Primary, list[int]]] = {}
+            orphans: list[int] = []
+            for b in buckets:
+                primary = owners[space[b]]
+                if primary is None:
+                    orphans.append(b)
+                else:
+                    parts.setdefault(id(primary), (primary, []))[1].append(b)
+            plan = list(parts.values())
+            results = await asyncio.gather(
+                *(p.backend.invalidate(ns, tags, buckets=part) for p, part in plan), return_exceptions=True
+            )
+            failed = [
+                (part, r) for (_, part), r in zip(plan, results, strict=True) if isinstance(r, BaseException)
+            ]
+            if not failed and not orphans:
+                return
+            errors = [r for _, r in failed]
+            if attempt == 0 and (
+                orphans or all(isinstance(e, BackendError) and _redirected(e) for e in errors)
+            ):
+                self._refreshed_at = -float("inf")
+                await self._discover()
+                continue
+            for error in errors:
+                if isinstance(error, BackendError) and (_redirected(error) or _node_failed(error)):
+                    self._refresh_soon()
+            for error in errors:
+                if not isinstance(error, Exception):
+                    raise error  # cancelled: where it was applied is not known
+            scope = frozenset(orphans).union(*(part for part, _ in failed))
+            first: BaseException = errors[0] if errors else BackendError("Redis Cluster: no primary holds it")
+            if len(failed) == len(plan):
+                if isinstance(first, BackendError):
+                    raise first
+                raise BackendError(f"Redis Cluster: invalidation failed: {first}") from first
+            raise PartialInvalidationError(
+                f"invalidation of {list(tags)} in namespace {ns!r} failed on {len(scope)} of its "
+                f"{self._buckets} buckets ({type(first).__name__}: {first}); applied on the others",
+                scope,
+            ) from first
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def watch(self, ns: str, key: str) -> FillWatch:
         """See :meth:`RedisBackend.watch`; the watch is made on the key's primary."""

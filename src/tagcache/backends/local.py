@@ -43,7 +43,7 @@ import logging
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -58,6 +58,7 @@ from tagcache.backends.base import (
     HealthReporting,
     InvalidationFeed,
     Lookup,
+    ScopedInvalidation,
     SupportsInfo,
     SupportsKeys,
     SupportsPeek,
@@ -402,10 +403,38 @@ class LocalLayer:
         return found
 
     async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
-        """Invalidate through, drop the copies carrying the tags, tell the other processes."""
+        """Invalidate through, drop the copies carrying the tags, tell the other processes.
+
+        The copies are dropped and the other processes told even when the shared
+        backend failed (in part: a :class:`~tagcache.PartialInvalidationError`), since
+        it may have applied the invalidation: the cache then bypasses only the failed
+        part and keeps reading copies of the rest."""
+        await self._invalidate(ns, tags, self.remote.invalidate(ns, tags))
+
+    async def invalidate_scope(self, ns: str, tags: Sequence[str], scope: frozenset[int]) -> None:
+        """The shared backend's :meth:`~tagcache.backends.ScopedInvalidation.invalidate_scope`,
+        with the copies handled as by :meth:`invalidate`."""
+        remote = self.remote
+        if not isinstance(remote, ScopedInvalidation):
+            raise UnsupportedOperationError(f"{type(remote).__name__} cannot invalidate part of a namespace")
+        await self._invalidate(ns, tags, remote.invalidate_scope(ns, tags, scope))
+
+    def scope_of(self, ns: str, key: str) -> int:
+        """The shared backend's bucket of ``key`` (0 when it has no buckets to fail apart)."""
+        remote = self.remote
+        return remote.scope_of(ns, key) if isinstance(remote, ScopedInvalidation) else 0
+
+    async def _invalidate(self, ns: str, tags: Sequence[str], call: Awaitable[None]) -> None:
         self._follow()
         self._changed(ns, (), tags)
-        await self.remote.invalidate(ns, tags)
+        try:
+            await call
+        except Exception:
+            self._changed(ns, (), tags)
+            self._apply(ns, (), tags, False)
+            with contextlib.suppress(Exception):  # the backend's own error is the one to raise
+                await self._publish(ns, tags=tags)
+            raise
         self._changed(ns, (), tags)
         self._apply(ns, (), tags, False)
         await self._publish(ns, tags=tags)

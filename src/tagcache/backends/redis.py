@@ -94,7 +94,7 @@ import os
 import re
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from hashlib import sha1
 from importlib import resources
 from types import TracebackType
@@ -1914,21 +1914,29 @@ class RedisBackend:
         replies = await self._call("delete", key, [cmd])
         return bool(replies[0])
 
-    async def invalidate(self, ns: str, tags: Sequence[str]) -> None:
+    async def invalidate(
+        self, ns: str, tags: Sequence[str], *, buckets: Collection[int] | None = None
+    ) -> None:
         """Invalidate every entry carrying any of ``tags`` by deleting the tags' tokens
         (and the bucket's invalidation epoch, so fills snapshot before it fail).
 
         One round trip: one ``DEL`` per bucket, pipelined. Entries are not
         touched; they become misses, deleted by the next read that finds
-        them, or expire by their TTL.
+        them, or expire by their TTL. ``buckets`` restricts it to those bucket
+        numbers (all of them, whatever ``bucket_filter`` says): how
+        :class:`~tagcache.backends.RedisClusterBackend` gives each primary its part.
         """
         if not tags:
             return
         encoded = [t.encode() for t in tags]
-        buckets = self._own_buckets(ns, self._space(ns))
-        if buckets:
+        space = self._space(ns)
+        if buckets is None:
+            chosen = self._own_buckets(ns, space)
+        else:
+            chosen = [space.buckets[b] for b in sorted(buckets)]
+        if chosen:
             await self._call(
-                "invalidate", None, [_pack(b"DEL", *[b.token + t for t in encoded], b.epoch) for b in buckets]
+                "invalidate", None, [_pack(b"DEL", *[b.token + t for t in encoded], b.epoch) for b in chosen]
             )
 
     async def peek(self, ns: str, key: str) -> EntryInfo | None:
