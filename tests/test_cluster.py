@@ -140,6 +140,35 @@ async def test_invalidate_calls_each_primary_once_and_misses_everywhere(
     await cache.clear()
 
 
+async def test_reads_of_one_tick_travel_as_one_batch_per_primary(
+    cluster_backend: RedisClusterBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = unique_namespace("batch")
+    cache = Cache(cluster_backend, namespace=ns, owns_backend=False)
+    keys = [f"k{n}" for n in range(90)]  # over the three primaries
+    for key in keys:
+        await cache.set(key, key, tags=["t"])
+    trips: dict[int, int] = {}
+    one, batch = RedisBackend._roundtrip_one, RedisBackend._send_batch
+
+    async def counted_one(self: RedisBackend, *args: Any) -> Any:
+        trips[id(self)] = trips.get(id(self), 0) + 1
+        return await one(self, *args)
+
+    async def counted_batch(self: RedisBackend, *args: Any) -> Any:
+        trips[id(self)] = trips.get(id(self), 0) + 1
+        return await batch(self, *args)
+
+    monkeypatch.setattr(RedisBackend, "_roundtrip_one", counted_one)
+    monkeypatch.setattr(RedisBackend, "_send_batch", counted_batch)
+    assert await asyncio.gather(*(cache.get(key) for key in keys)) == keys
+    # Each primary's reads: the first goes alone, those issued while it is in flight
+    # follow as one batch; 90 reads, 3 primaries, at most 2 round trips each.
+    assert len(trips) == 3
+    assert all(n <= 2 for n in trips.values()), trips
+    await cache.clear()
+
+
 async def test_info_and_health_cover_every_primary(cluster_backend: RedisClusterBackend) -> None:
     cache = Cache(cluster_backend, namespace=unique_namespace("info"), owns_backend=False)
     await cache.set("k", 1)
@@ -308,6 +337,58 @@ async def test_a_bucket_whose_slot_moves_keeps_working_without_errors(own_cluste
         assert await cache.get("k") is None
         stats = await cache.stats()
         assert (stats.errors, stats.pending_invalidations) == (0, 0)
+    finally:
+        await cache.clear()
+        await cache.aclose()
+
+
+async def test_a_half_migrated_bucket_fails_open_and_works_once_the_migration_completes(
+    own_cluster: Cluster,
+) -> None:
+    cluster = own_cluster
+    ns = unique_namespace("ask")
+    cache = Cache(RedisClusterBackend.from_url(f"redis+cluster://127.0.0.1:{cluster.port}/"), namespace=ns)
+    loads: list[int] = []
+
+    async def load() -> str:
+        loads.append(1)
+        return "loaded"
+
+    try:
+        await cache.set("k", "v", tags=["t"])
+        other_key = next(
+            k for k in (f"o{n}" for n in range(100)) if bucket_index(k.encode(), 64) != bucket_index(b"k", 64)
+        )
+        await cache.set(other_key, "o", tags=["t"])
+        slot = key_slot(bucket_hash_tag(ns, bucket_index(b"k", 64)))
+        source = cluster.node_for_slot(slot)
+        target = next(node for node in cluster.primaries if node is not source)
+        # Half-migrated: the entry has moved to the target, the tag tokens have not. The source
+        # answers ASK for the entry and TRYAGAIN for a script over both.
+        command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.node_id)
+        command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.node_id)
+        names = command(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100")
+        assert isinstance(names, list)
+        entry = next(n for n in names if bytes(n).endswith(b":e:k"))
+        command(
+            source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", entry.decode()
+        )
+        # Reads of that bucket fail open (the loader answers, never an old value); the
+        # other buckets are not affected.
+        assert await cache.get_or_set("k", load, tags=["t"]) == "loaded"
+        assert loads == [1]
+        assert (await cache.stats()).errors >= 1  # the bucket's scripts were refused
+        assert await cache.get(other_key) == "o"
+        # Once the migration completes, the bucket works on its new owner.
+        move_slot(cluster, slot, source, target)
+        assert await cache.get_or_set("k", load, tags=["t"]) in ("v", "loaded")
+        assert await cache.get_or_set("k", load, tags=["t"]) in ("v", "loaded")
+        hits = (await cache.stats()).hits
+        assert await cache.get("k") in ("v", "loaded")
+        assert (await cache.stats()).hits == hits + 1
+        await cache.invalidate_tags(["t"])
+        assert await cache.get("k") is None
+        assert await cache.get(other_key) is None
     finally:
         await cache.clear()
         await cache.aclose()
