@@ -14,6 +14,14 @@ Usage::
 
 or ``with redis_cluster(3, 0) as cluster: ...``.
 
+With ``tls=True`` every node listens with TLS only (its plain port is 0), on a
+server certificate for ``127.0.0.1`` signed by a self-signed CA made for the
+cluster (``openssl`` must be on ``PATH`` too); the cluster bus and replication
+use TLS as well. ``cluster.ca_path`` is the CA's file and ``cluster.url`` a
+``rediss+cluster://`` URL naming it. The harness's own commands (:func:`command`)
+speak TLS to those ports: launching a TLS node records its port's client
+``ssl.SSLContext`` in ``_TLS_CONTEXTS`` (until :meth:`Cluster.stop`).
+
 Every node is a ``redis-server`` on a free loopback port (its cluster bus port,
 port + 10000, is free too) that stores nothing on disk, in a directory of its
 own under one temporary directory that :meth:`Cluster.stop` removes. The
@@ -26,23 +34,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 __all__ = [
     "SLOTS",
     "Cluster",
     "ClusterError",
     "ClusterNode",
+    "TlsFiles",
     "cluster_binaries_available",
     "key_slot",
+    "make_tls_files",
     "redis_cluster",
     "start_cluster",
 ]
@@ -60,9 +73,139 @@ class ClusterError(RuntimeError):
     """A node did not start, or the cluster did not form (or settle) in time."""
 
 
-def cluster_binaries_available() -> bool:
-    """Whether ``redis-server`` and ``redis-cli`` (needed to form a cluster) are on ``PATH``."""
-    return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
+def cluster_binaries_available(tls: bool = False) -> bool:
+    """Whether ``redis-server`` and ``redis-cli`` (needed to form a cluster) are on ``PATH``,
+    and with ``tls`` also ``openssl`` (to make the certificates)."""
+    needed = ("redis-server", "redis-cli", "openssl") if tls else ("redis-server", "redis-cli")
+    return all(shutil.which(name) is not None for name in needed)
+
+
+# ---------------------------------------------------------------- TLS certificates
+
+_OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+"""
+
+
+@dataclass(eq=False)
+class TlsFiles:
+    """A self-signed CA and a server certificate it signed for ``127.0.0.1`` (also usable
+    as a client certificate), as PEM files in ``directory``; see :func:`make_tls_files`."""
+
+    directory: Path
+    _context: ssl.SSLContext | None = field(default=None, repr=False)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "cert.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.directory / "key.pem"
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context trusting this CA only (made once; hostnames are checked)."""
+        if self._context is None:
+            self._context = ssl.create_default_context(cafile=str(self.ca_path))
+        return self._context
+
+
+def _openssl(directory: Path, *args: str) -> None:
+    done = subprocess.run(
+        ["openssl", *args],
+        cwd=directory,
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        raise ClusterError(f"openssl {' '.join(args[:2])} failed ({done.returncode}):\n{output}")
+
+
+def make_tls_files(directory: str | os.PathLike[str], name: str = "tagcache test CA") -> TlsFiles:
+    """Make a new self-signed CA (common name ``name``) and a server certificate for
+    ``127.0.0.1`` (subjectAltName ``IP:127.0.0.1``) it signs, in ``directory`` (created),
+    with the ``openssl`` command. Keys are P-256, certificates valid for two days."""
+    where = Path(directory)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "openssl.cnf").write_text(_OPENSSL_CONFIG)
+    newkey = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(
+        where,
+        "req",
+        "-x509",
+        "-new",
+        "-config",
+        "openssl.cnf",
+        "-extensions",
+        "ca",
+        *newkey,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+    )
+    _openssl(
+        where,
+        "req",
+        "-new",
+        "-config",
+        "openssl.cnf",
+        *newkey,
+        "-keyout",
+        "key.pem",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    _openssl(
+        where,
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        f"0x{secrets.token_hex(16)}",
+        "-days",
+        "2",
+        "-extfile",
+        "openssl.cnf",
+        "-extensions",
+        "server",
+        "-out",
+        "cert.pem",
+    )
+    return TlsFiles(where)
 
 
 # ---------------------------------------------------------------- slots
@@ -137,16 +280,28 @@ def _read_reply(buf: bytearray, sock: socket.socket) -> object:
     raise ConnectionError(f"unexpected reply {line[:80]!r}")
 
 
+#: Port -> client TLS context, for the ports of the TLS nodes launched (and not stopped):
+#: :func:`command` speaks TLS to those.
+_TLS_CONTEXTS: dict[int, ssl.SSLContext] = {}
+
+
 def command(port: int, *args: str, timeout: float = 2.0) -> object:
-    """Send one command to the node on ``port`` over a new connection; return its reply
-    (bytes, int, None or a list). An error reply raises :class:`ClusterError`."""
+    """Send one command to the node on ``port`` over a new connection (TLS for the port of
+    a TLS node); return its reply (bytes, int, None or a list). An error reply raises
+    :class:`ClusterError`."""
     packed = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a.encode()), a.encode()) for a in args)
-    with socket.create_connection((_HOST, port), timeout=timeout) as sock:
+    context = _TLS_CONTEXTS.get(port)
+    sock = socket.create_connection((_HOST, port), timeout=timeout)
+    try:
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=_HOST)
         sock.sendall(packed)
         try:
             return _read_reply(bytearray(), sock)
         except _ErrorReply as exc:
             raise ClusterError(f"{' '.join(args)} on port {port}: {exc}") from None
+    finally:
+        sock.close()
 
 
 def _text(port: int, *args: str) -> str:
@@ -228,6 +383,8 @@ class ClusterNode:
 
     port: int
     workdir: Path
+    #: The certificates of a TLS node (it listens with TLS only), else ``None``.
+    tls: TlsFiles | None = None
     proc: subprocess.Popen[bytes] | None = None
     role: str = "unknown"
     node_id: str = ""
@@ -277,10 +434,13 @@ class ClusterNode:
 class Cluster:
     """A running local Redis Cluster (see :func:`start_cluster`); :meth:`stop` ends it."""
 
-    def __init__(self, root: Path, nodes: list[ClusterNode], replicas_per_primary: int) -> None:
+    def __init__(
+        self, root: Path, nodes: list[ClusterNode], replicas_per_primary: int, tls: TlsFiles | None = None
+    ) -> None:
         self.root = root
         self.nodes = nodes
         self.replicas_per_primary = replicas_per_primary
+        self.tls = tls
         self.stopped = False
 
     # -- addresses ---------------------------------------------------------------
@@ -291,8 +451,18 @@ class Cluster:
         return self.nodes[0].port
 
     @property
+    def ca_path(self) -> Path | None:
+        """The PEM file of the CA that signed a TLS cluster's certificate (``None`` without TLS)."""
+        return self.tls.ca_path if self.tls is not None else None
+
+    @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port of the first node>``."""
+        """``redis://127.0.0.1:<port of the first node>``; for a TLS cluster
+        ``rediss+cluster://127.0.0.1:<port>/?ssl_ca_certs=<CA file>``."""
+        if self.tls is not None:
+            return (
+                f"rediss+cluster://{_HOST}:{self.port}/?ssl_ca_certs={quote(str(self.tls.ca_path), safe='/')}"
+            )
         return f"redis://{_HOST}:{self.port}"
 
     @property
@@ -445,6 +615,8 @@ class Cluster:
                 self.kill(node)
             except BaseException as exc:  # keep killing the others
                 errors.append(exc)
+            if node.tls is not None:
+                _TLS_CONTEXTS.pop(node.port, None)
         shutil.rmtree(self.root, ignore_errors=True)
         self.stopped = True
         if errors:
@@ -498,10 +670,31 @@ def _launch(node: ClusterNode, node_timeout_ms: int) -> None:
     for stale in ("nodes.conf", "redis.log", "stdout.log"):
         with contextlib.suppress(FileNotFoundError):
             (node.workdir / stale).unlink()
+    if node.tls is None:
+        listen = ["--port", str(node.port)]
+    else:  # TLS only: the plain port is off; the cluster bus and replication use TLS too
+        listen = [
+            "--port",
+            "0",
+            "--tls-port",
+            str(node.port),
+            "--tls-cert-file",
+            str(node.tls.cert_path),
+            "--tls-key-file",
+            str(node.tls.key_path),
+            "--tls-ca-cert-file",
+            str(node.tls.ca_path),
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+        ]
+        _TLS_CONTEXTS[node.port] = node.tls.client_context()
     args = [
         "redis-server",
-        "--port",
-        str(node.port),
+        *listen,
         "--bind",
         _HOST,
         "--cluster-enabled",
@@ -563,6 +756,7 @@ def _start_node(node: ClusterNode, node_timeout_ms: int, timeout: float, avoid: 
         proc.wait()
         node.proc = None
         if "Address already in use" in tail and attempt < 4:
+            _TLS_CONTEXTS.pop(node.port, None)
             node.port = _free_ports(1, avoid)[0]
             continue
         what = f"exited with status {exited}" if exited is not None else f"did not answer PING in {timeout}s"
@@ -578,6 +772,7 @@ def start_cluster(
     base_dir: str | os.PathLike[str] | None = None,
     node_timeout_ms: int = 2000,
     timeout: float = 30.0,
+    tls: bool = False,
 ) -> Cluster:
     """Start ``primaries`` primaries with ``replicas_per_primary`` replicas each on free
     loopback ports, form a cluster of them and wait until it is settled (see
@@ -588,6 +783,8 @@ def start_cluster(
     :param node_timeout_ms: ``cluster-node-timeout`` (how soon a silent node is
         failed over).
     :param timeout: seconds each step (a node's start, forming, settling) may take.
+    :param tls: every node listens with TLS only, with a certificate signed by a new
+        self-signed CA (``cluster.ca_path``); needs ``openssl``. See the module docs.
     :raises ClusterError: when a node does not start (with the end of its log) or the
         cluster does not form; every process started is killed first.
     """
@@ -595,13 +792,19 @@ def start_cluster(
         raise ValueError(f"a Redis Cluster needs at least 3 primaries, got {primaries}")
     if replicas_per_primary < 0:
         raise ValueError(f"replicas_per_primary must be >= 0, got {replicas_per_primary}")
-    if not cluster_binaries_available():
-        raise ClusterError("redis-server and redis-cli must be on PATH to start a Redis Cluster")
+    if not cluster_binaries_available(tls):
+        needed = "redis-server, redis-cli and openssl" if tls else "redis-server and redis-cli"
+        raise ClusterError(f"{needed} must be on PATH to start a Redis Cluster")
     root = Path(tempfile.mkdtemp(prefix="tagcache-cluster-", dir=base_dir))
     count = primaries * (1 + replicas_per_primary)
+    try:
+        files = make_tls_files(root / "tls") if tls else None
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     ports = _free_ports(count, set())
-    nodes = [ClusterNode(port=port, workdir=root / f"node-{i}") for i, port in enumerate(ports)]
-    cluster = Cluster(root, nodes, replicas_per_primary)
+    nodes = [ClusterNode(port=port, workdir=root / f"node-{i}", tls=files) for i, port in enumerate(ports)]
+    cluster = Cluster(root, nodes, replicas_per_primary, files)
     try:
         for node in nodes:
             _launch(node, node_timeout_ms)
@@ -614,9 +817,11 @@ def start_cluster(
                     proc.kill()
                     proc.wait()
                 _start_node(node, node_timeout_ms, timeout, {n.port for n in nodes})
+        tls_args = ["--tls", "--cacert", str(files.ca_path)] if files is not None else []
         create = subprocess.run(
             [
                 "redis-cli",
+                *tls_args,
                 "--cluster",
                 "create",
                 *[f"{_HOST}:{node.port}" for node in nodes],
@@ -649,6 +854,7 @@ def redis_cluster(
     base_dir: str | os.PathLike[str] | None = None,
     node_timeout_ms: int = 2000,
     timeout: float = 30.0,
+    tls: bool = False,
 ) -> Iterator[Cluster]:
     """:func:`start_cluster` as a context manager: the cluster is stopped on exit."""
     cluster = start_cluster(
@@ -657,6 +863,7 @@ def redis_cluster(
         base_dir=base_dir,
         node_timeout_ms=node_timeout_ms,
         timeout=timeout,
+        tls=tls,
     )
     try:
         yield cluster

@@ -8,24 +8,30 @@ also run on the cluster (backend kind ``cluster`` in ``tests/conftest.py``).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import SSLConnection
 
-from tagcache import Cache, ConfigurationError, PartialInvalidationError
+from tagcache import BackendError, Cache, ConfigurationError, LocalCache, PartialInvalidationError
 from tagcache.backends import Backend, RedisBackend
 from tagcache.backends.cluster import RedisClusterBackend
 from tagcache.backends.redis import bucket_hash_tag, bucket_index
 
-from tests.conftest import local_cluster, unique_namespace
+from tests.conftest import local_cluster, no_redis, unique_namespace
 from tests.redis_cluster import (
     Cluster,
     ClusterNode,
+    cluster_binaries_available,
     command,
     key_slot,
+    make_tls_files,
+    redis_cluster,
 )
 
 #: Generous bound for a call while a primary hangs: its socket timeout is 0.5 s.
@@ -391,4 +397,184 @@ async def test_a_half_migrated_bucket_fails_open_and_works_once_the_migration_co
         assert await cache.get(other_key) is None
     finally:
         await cache.clear()
+        await cache.aclose()
+
+
+# ---------------------------------------------------------------- TLS: rediss+cluster:// URLs
+
+TLS_URL = "rediss+cluster://127.0.0.1:7000/"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (
+            "ssl_ca_certs=/etc/ca%20dir/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
+            {"ssl_ca_certs": "/etc/ca dir/ca.pem", "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem"},
+        ),
+        ("ssl_cert_reqs=none", {"ssl_cert_reqs": "none"}),
+        ("ssl_cert_reqs=optional", {"ssl_cert_reqs": "optional"}),
+        ("ssl_cert_reqs=Required", {"ssl_cert_reqs": "required"}),
+        *[
+            (f"ssl_check_hostname={raw}", {"ssl_check_hostname": True})
+            for raw in ("true", "1", "yes", "TRUE")
+        ],
+        *[(f"ssl_check_hostname={raw}", {"ssl_check_hostname": False}) for raw in ("false", "0", "no", "No")],
+    ],
+)
+def test_a_rediss_cluster_url_takes_redis_py_tls_parameters(query: str, expected: dict[str, Any]) -> None:
+    backend = RedisClusterBackend.from_url(f"{TLS_URL}?{query}&buckets=8")
+    assert backend.buckets == 8
+    assert backend._connection_class is SSLConnection
+    assert backend._connection_kwargs == expected
+    # redis-py takes them as they are: the connections' TLS settings.
+    tls = SSLConnection(**backend._connection_kwargs).ssl_context
+    assert tls.ca_certs == expected.get("ssl_ca_certs")
+    reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL}.get(expected.get("ssl_cert_reqs", ""))
+    assert tls.cert_reqs == (reqs if reqs is not None else ssl.CERT_REQUIRED)
+    assert tls.check_hostname is (expected.get("ssl_check_hostname", True) and reqs != ssl.CERT_NONE)
+
+
+def test_tls_parameters_reach_the_primaries_and_the_invalidation_feed() -> None:
+    backend = RedisClusterBackend.from_url(f"{TLS_URL}?ssl_ca_certs=/url.pem&ssl_cert_reqs=required")
+    primary = backend._new_primary("127.0.0.1:7000", ("127.0.0.1", 7000))
+    pool = primary.backend._home_pool
+    assert pool.connection_class is SSLConnection
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/url.pem"
+    feed = backend.invalidation_feed()
+    assert feed._connection_class is SSLConnection
+    assert all(e["ssl_ca_certs"] == "/url.pem" for e in feed._endpoints)
+    # The URL's parameters win over the keyword arguments, as the other parameters do.
+    both = RedisClusterBackend.from_url(f"{TLS_URL}?ssl_ca_certs=/url.pem", ssl_ca_certs="/kw.pem")
+    assert both._connection_kwargs["ssl_ca_certs"] == "/url.pem"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            f"{TLS_URL}?ssl_cert_reqs=maybe",
+            "ssl_cert_reqs must be one of none, optional, required, got 'maybe'",
+        ),
+        (f"{TLS_URL}?ssl_check_hostname=sure", "ssl_check_hostname must be true/false, 1/0 or yes/no"),
+        (f"{TLS_URL}?ssl_ca_certs=", "ssl_ca_certs must be the path of a PEM file"),
+        (f"{TLS_URL}?ssl_ca_path=/etc/ssl", "unknown parameter"),
+        (
+            "redis+cluster://127.0.0.1:7000/?ssl_ca_certs=/ca.pem",
+            r"\['ssl_ca_certs'\].*use rediss\+cluster://",
+        ),
+        (
+            "redis+cluster://127.0.0.1:7000/?ssl_check_hostname=no&ssl_cert_reqs=none",
+            r"use rediss\+cluster://",
+        ),
+    ],
+)
+def test_bad_tls_parameters_say_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RedisClusterBackend.from_url(url)
+
+
+def test_tls_keyword_arguments_with_a_plain_url_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"use rediss\+cluster://"):
+        RedisClusterBackend.from_url("redis+cluster://127.0.0.1:7000/", ssl_ca_certs="/ca.pem")
+
+
+# ---------------------------------------------------------------- TLS: on a real TLS cluster
+
+
+@pytest.fixture(scope="module")
+def tls_cluster() -> Iterator[Cluster]:
+    """A cluster of 3 primaries listening with TLS only, for this module's TLS tests."""
+    if not cluster_binaries_available(tls=True):
+        no_redis("redis-server, redis-cli and openssl are needed for a local TLS Redis Cluster")
+    with redis_cluster(3, 0, tls=True) as cluster:
+        yield cluster
+
+
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions chained to it (``__cause__``, else ``__context__``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+async def test_a_tls_cluster_serves_reads_writes_invalidations_and_clear(tls_cluster: Cluster) -> None:
+    ns = unique_namespace("tls")
+    assert tls_cluster.url.startswith("rediss+cluster://")
+    cache = Cache.from_url(tls_cluster.url, namespace=ns)
+    try:
+        keys = [f"k{n}" for n in range(60)]
+        assert {primary_of(tls_cluster, ns, k).port for k in keys} == {p.port for p in tls_cluster.primaries}
+        for key in keys:
+            await cache.set(key, key, tags=["all"])
+        assert [await cache.get(key) for key in keys] == keys
+        await cache.invalidate_tags(["all"])
+        assert [await cache.get(key) for key in keys] == [None] * len(keys)
+        for key in keys:
+            await cache.set(key, key)
+        assert await cache.clear() == len(keys)
+        assert await cache.keys("*", limit=None) == []
+        stats = await cache.stats()
+        assert (stats.errors, stats.backend["primaries"]) == (0, 3)
+    finally:
+        await cache.clear()
+        await cache.aclose()
+
+
+async def test_an_l1_over_a_tls_cluster_drops_copies_across_processes(tls_cluster: Cluster) -> None:
+    from tests.test_local import copied, layer_of, live, until
+
+    ns = unique_namespace("tlsl1")
+    one, two = (Cache.from_url(tls_cluster.url, namespace=ns, local=LocalCache(ttl=60)) for _ in range(2))
+    try:
+        await live(one)
+        await live(two)
+        keys = [f"k{n}" for n in range(20)]  # over several buckets, hence primaries
+        for key in keys:
+            await one.set(key, key, tags=["t"])
+            assert await two.get(key) == key
+        for key in keys:
+            await copied(two, key)
+        await one.invalidate_tags(["t"])
+        for key in keys:
+            await until(lambda key=key: layer_of(two).get_local(ns, key) is None, "copies are dropped")
+            assert await two.get(key) is None
+    finally:
+        await one.clear()
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_a_plain_url_on_a_tls_node_fails_in_time_and_the_cache_fails_open(tls_cluster: Cluster) -> None:
+    ns = unique_namespace("tlsplain")
+    cache = Cache.from_url(f"redis+cluster://127.0.0.1:{tls_cluster.port}/", namespace=ns)
+    try:
+        with pytest.raises(BackendError):
+            await asyncio.wait_for(cache.backend.get(ns, "k"), SLOW_CALL)
+
+        async def load() -> str:
+            return "loaded"
+
+        value, took = await timed(lambda: cache.get_or_set("k", load, ttl=60))
+        assert value == "loaded"
+        assert took < SLOW_CALL
+    finally:
+        await cache.aclose()
+
+
+async def test_a_wrong_ca_fails_with_a_certificate_verification_error(
+    tls_cluster: Cluster, tmp_path: Path
+) -> None:
+    other = await asyncio.to_thread(make_tls_files, tmp_path / "other", "another CA")
+    ns = unique_namespace("tlsca")
+    url = f"rediss+cluster://127.0.0.1:{tls_cluster.port}/?ssl_ca_certs={other.ca_path}"
+    cache = Cache.from_url(url, namespace=ns)
+    try:
+        with pytest.raises(BackendError) as caught:
+            await asyncio.wait_for(cache.backend.get(ns, "k"), SLOW_CALL)
+        chain = list(causes(caught.value))
+        assert any("certificate verify failed" in str(exc) for exc in chain), chain
+    finally:
         await cache.aclose()

@@ -108,6 +108,11 @@ _PASSED_ON: Final = frozenset(
         "ssl_ciphers",
     }
 )
+#: TLS query parameters of a ``rediss+cluster://`` URL: those of redis-py's ``rediss://``
+#: URLs, passed on to every connection under the same names.
+_TLS_URL_OPTIONS: Final = frozenset(
+    {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+)
 _URL_OPTIONS: Final = frozenset(
     {
         "buckets",
@@ -116,8 +121,28 @@ _URL_OPTIONS: Final = frozenset(
         "socket_connect_timeout",
         "breaker_failures",
         "breaker_cooldown",
+        *_TLS_URL_OPTIONS,
     }
 )
+#: The values of ``ssl_cert_reqs`` (redis-py's names for ``ssl.CERT_NONE`` and the others).
+_CERT_REQS: Final = ("none", "optional", "required")
+#: The values of ``ssl_check_hostname`` in a URL.
+_BOOLEANS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _tls_option(name: str, raw: str) -> str | bool:
+    """The value of the TLS query parameter ``name`` given as ``raw`` in a URL."""
+    if name == "ssl_cert_reqs":
+        if raw.lower() not in _CERT_REQS:
+            raise ConfigurationError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, got {raw!r}")
+        return raw.lower()
+    if name == "ssl_check_hostname":
+        if raw.lower() not in _BOOLEANS:
+            raise ConfigurationError(f"ssl_check_hostname must be true/false, 1/0 or yes/no, got {raw!r}")
+        return _BOOLEANS[raw.lower()]
+    if not raw:
+        raise ConfigurationError(f"{name} must be the path of a PEM file, got an empty value")
+    return raw
 
 
 def _redirected(exc: BaseException) -> bool:
@@ -278,8 +303,21 @@ class RedisClusterBackend:
         ``rediss+cluster://`` for TLS).
 
         Query parameters: ``buckets``, ``max_connections``, ``socket_timeout``,
-        ``socket_connect_timeout``, ``breaker_failures``, ``breaker_cooldown``; they win
-        over the keyword arguments, which are those of the constructor.
+        ``socket_connect_timeout``, ``breaker_failures``, ``breaker_cooldown``, and with
+        ``rediss+cluster://`` those of redis-py's ``rediss://`` URLs for TLS:
+        ``ssl_ca_certs`` (the CA file to verify the nodes with, e.g. a private CA),
+        ``ssl_certfile`` and ``ssl_keyfile`` (a client certificate), ``ssl_cert_reqs``
+        (``none``, ``optional`` or ``required``, the default) and ``ssl_check_hostname``
+        (``true``, the default, or ``false``; also ``1``/``0``, ``yes``/``no``). They win
+        over the keyword arguments, which are those of the constructor; the TLS ones
+        reach every connection (to each primary, and the invalidation feed's).
+
+        ::
+
+            RedisClusterBackend.from_url("rediss+cluster://10.0.0.1:7000/?ssl_ca_certs=/etc/redis/ca.pem")
+
+        :raises ConfigurationError: for an unknown parameter or a bad value (naming it and
+            what it accepts), and for TLS options without ``rediss+cluster://``.
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -319,13 +357,23 @@ class RedisClusterBackend:
             "breaker_failures": ("breaker_failures", int),
             "breaker_cooldown": ("breaker_cooldown", float),
         }
+        tls = scheme == "rediss+cluster"
+        plain_tls = sorted({n for n in [*query, *options] if n in _TLS_URL_OPTIONS or n.startswith("ssl_")})
+        if plain_tls and not tls:
+            raise ConfigurationError(
+                f"TLS option(s) {plain_tls} with a redis+cluster:// URL, which connects without TLS: "
+                "use rediss+cluster://"
+            )
         for name, raw in query.items():
+            if name in _TLS_URL_OPTIONS:
+                options[name] = _tls_option(name, raw)
+                continue
             keyword, convert = converters[name]
             try:
                 options[keyword] = convert(raw)
             except ValueError:
                 raise ConfigurationError(f"{name} in {url!r} must be a number, got {raw!r}") from None
-        return cls(seeds, ssl=scheme == "rediss+cluster", **options)
+        return cls(seeds, ssl=tls, **options)
 
     @property
     def buckets(self) -> int:
@@ -424,17 +472,21 @@ class RedisClusterBackend:
                 return  # another caller just read it
             candidates = list(dict.fromkeys([*(p.address for p in self._primaries.values()), *self._seeds]))
             failures: list[str] = []
+            last: Exception | None = None
             for address in candidates:
                 try:
                     ranges = await self._read_slots(address)
                 except Exception as exc:  # try the next node; all failures are reported
                     failures.append(f"{address[0]}:{address[1]}: {type(exc).__name__}: {exc}")
+                    last = exc
                     continue
                 if ranges:
                     self._apply(ranges)
                     return
                 failures.append(f"{address[0]}:{address[1]}: no slots assigned")
-            raise BackendError("Redis Cluster: no node answered CLUSTER SLOTS (" + "; ".join(failures) + ")")
+            raise BackendError(
+                "Redis Cluster: no node answered CLUSTER SLOTS (" + "; ".join(failures) + ")"
+            ) from last
 
     def _apply(self, ranges: Sequence[tuple[int, int, tuple[str, int]]]) -> None:
         owners: list[_Primary | None] = [None] * _SLOTS

@@ -756,6 +756,14 @@ class RedisBackend:
             raise ConfigurationError(f"unsupported Redis URL {url!r}: use redis://, rediss:// or unix://")
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
+        tls_options = sorted(
+            {name for name, _ in query if name.startswith("ssl_")}
+            | {n for n in kwargs if n.startswith("ssl_")}
+        )
+        if tls_options and scheme != "rediss":
+            raise ConfigurationError(
+                f"{', '.join(tls_options)} need a TLS connection: use a rediss:// URL, not {scheme}://"
+            )
         ours = {name: value for name, value in query if name in _URL_OPTIONS}
         if ours:
             url = urlunsplit(parts._replace(query=urlencode([(n, v) for n, v in query if n not in ours])))
