@@ -464,7 +464,10 @@ class Cache:
           :class:`~tagcache.backends.RedisBackend` over a bounded, blocking
           connection pool (needs ``pip install 'tagcache[redis]'``). Query
           parameters are redis-py's (``?socket_timeout=2``), plus
-          ``max_connections``.
+          ``max_connections`` and the circuit breaker's ``breaker_failures`` and
+          ``breaker_cooldown``.
+        * ``redis+cluster://``, ``rediss+cluster://`` — a
+          :class:`~tagcache.backends.RedisClusterBackend` (see its ``from_url``).
 
         Keyword ``options`` go to :class:`Cache` (``namespace``, ``default_ttl``, ...).
         """

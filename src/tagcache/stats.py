@@ -112,9 +112,13 @@ class CacheStats:
     so :meth:`as_dict` and :func:`dataclasses.asdict` both carry all of them.
     """
 
+    #: Reads answered from the cache (``get``, ``get_or_set``, decorated calls, the integrations).
     hits: int
+    #: Reads not answered from the cache (absent, expired, invalidated, or bypassed).
     misses: int
+    #: Values written (``set``, and fills after a miss or a refresh).
     sets: int
+    #: ``delete`` calls.
     deletes: int
     #: Number of tags invalidated (a call with three tags counts three).
     invalidations: int
@@ -127,7 +131,10 @@ class CacheStats:
     #: Backend-wide, as are ``evictions``: bytes used by the backend (for Redis the
     #: server's ``used_memory``).
     memory_bytes: int | None = None
+    #: Backend-wide: entries the backend evicted to stay within its memory limit
+    #: (for Redis the server's ``evicted_keys``).
     evictions: int | None = None
+    #: The backend's own figures beyond these (for Redis: ``maxmemory_policy`` and such).
     backend: dict[str, Any] = field(default_factory=dict)
     #: Values a loader produced that were returned but not stored because storing
     #: them failed: a backend error during the fill, a value that cannot be encoded

@@ -25,16 +25,16 @@ which Prometheus sees as a counter reset):
 * ``tagcache_not_stored_total``, ``tagcache_stale_on_error_total``, ``tagcache_timeouts_total``,
   ``tagcache_lock_waits_total``
 * ``tagcache_hit_ratio`` (gauge) — hits / (hits + misses) over the same period; for a
-  current ratio use ``rate(tagcache_hits_total[5m]) / (rate(tagcache_hits_total[5m])
-  + rate(tagcache_misses_total[5m]))``
+  current ratio use ``rate(tagcache_hits_total[5m]) /``
+  ``(rate(tagcache_hits_total[5m]) + rate(tagcache_misses_total[5m]))``
 * ``tagcache_pending_invalidations`` (gauge) — failed invalidations waiting to be re-applied
 * per cached function (labels ``namespace``, ``function``), counted besides the totals above:
   ``tagcache_function_hits_total``, ``tagcache_function_misses_total``,
   ``tagcache_function_lock_waits_total``, ``tagcache_function_errors_total``,
   ``tagcache_function_not_stored_total``, ``tagcache_function_stale_on_error_total``,
   ``tagcache_function_timeouts_total``; a function's hit ratio is
-  ``rate(tagcache_function_hits_total[5m]) / (rate(tagcache_function_hits_total[5m])
-  + rate(tagcache_function_misses_total[5m]))``
+  ``rate(tagcache_function_hits_total[5m]) /``
+  ``(rate(tagcache_function_hits_total[5m]) + rate(tagcache_function_misses_total[5m]))``
 * for a backend with a circuit breaker (Redis): ``tagcache_backend_breaker_state``
   (gauge, label ``state``: ``closed``, ``open``, ``half-open``; 1 for the current one)
   and ``tagcache_backend_breaker_opened_total``
