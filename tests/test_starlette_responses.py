@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -132,6 +132,50 @@ async def test_a_marked_fastapi_route_is_stored_once_rendered_and_served_with_ag
     assert len(bodies) == 1
     assert b"hunter2" not in bodies[0]
     assert b'"name":"p1v1"' in bodies[0]
+
+
+async def test_a_marked_route_of_an_included_router_is_learned_from_its_first_response(
+    cache: Cache,
+) -> None:
+    # FastAPI keeps an included APIRouter as one nested route: the app's router does not
+    # list the marked endpoint, the router chooses it only when the request runs.
+    responses = ResponseCache(cache, ttl=60)
+    calls: dict[str, int] = {}
+    versions: dict[int, int] = {}
+    api, inner = APIRouter(prefix="/api"), APIRouter(prefix="/v1")
+
+    @inner.get("/projects/{project_id}")
+    @responses.cached(tags=["project:{project_id}"])
+    async def get_project(project_id: int) -> dict[str, Any]:
+        calls[f"p{project_id}"] = calls.get(f"p{project_id}", 0) + 1
+        return {"id": project_id, "version": versions.get(project_id, 1)}
+
+    @inner.get("/plain/{n}")
+    async def plain(n: int) -> dict[str, Any]:
+        calls["plain"] = calls.get("plain", 0) + 1
+        return {"n": n}
+
+    api.include_router(inner)
+    app = FastAPI()
+    app.include_router(api)
+    app.add_middleware(ResponseCacheMiddleware, responses=responses)
+    async with client(app) as http:
+        # The first response teaches the path (it is not stored: its read came before any
+        # snapshot of the tags); the second is read through the cache; then hits.
+        for _ in range(4):
+            assert (await http.get("/api/v1/projects/1")).json() == {"id": 1, "version": 1}
+        assert calls["p1"] == 2
+        # Its tags come from the path parameters, as for a route the router lists.
+        versions[1] = 2
+        await cache.invalidate_tags(["project:1"])
+        assert (await http.get("/api/v1/projects/1")).json() == {"id": 1, "version": 2}
+        assert (await http.get("/api/v1/projects/1")).json() == {"id": 1, "version": 2}
+        assert calls["p1"] == 3
+        # Another path of the same route is learned for itself; unmarked routes never are.
+        for _ in range(3):
+            await http.get("/api/v1/projects/2")
+            await http.get("/api/v1/plain/1")
+        assert (calls["p2"], calls["plain"]) == (2, 3)
 
 
 async def test_stats_count_one_miss_then_hits_for_stored_responses(cache: Cache) -> None:

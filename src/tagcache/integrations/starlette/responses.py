@@ -90,6 +90,9 @@ _META_TTL: Final = 86400.0
 _MAX_POLICIES: Final = 256
 #: Reasons logged once each, at most.
 _MAX_LOGGED: Final = 256
+#: Paths whose marked route was learned from a response (routes the app's router does not
+#: list itself, e.g. FastAPI's included routers), at most.
+_MAX_LEARNED: Final = 65536
 
 
 # ---------------------------------------------------------------------------- HTTP helpers
@@ -691,6 +694,26 @@ class _Dated:
         await self.send_next(message)
 
 
+class _Learner:
+    """Wraps ``send`` for a GET the middleware found no cacheable target for: at the start
+    of the response, the router has put the endpoint it chose in the scope."""
+
+    __slots__ = ("middleware", "scope", "send_next")
+
+    def __init__(self, middleware: ResponseCacheMiddleware, scope: Scope, send: Send) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self.send_next = send
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            scope = self.scope
+            endpoint = scope.get("endpoint")
+            if endpoint is not None:
+                self.middleware.learn(scope["path"], endpoint, scope.get("path_params") or {})
+        await self.send_next(message)
+
+
 class ResponseCacheMiddleware:
     """Pure ASGI middleware serving and storing responses of a :class:`ResponseCache`.
 
@@ -706,8 +729,13 @@ class ResponseCacheMiddleware:
 
     Routes are found as Starlette finds them (``scope["app"].router``, each route's
     ``matches``, into mounts), on every request: path parameters differ per request.
-    Scopes other than ``http`` and methods other than GET, HEAD and the unsafe ones
-    pass through untouched.
+    A marked route the app's router does not list itself (an ``APIRouter`` included
+    with FastAPI's ``include_router``, which recent FastAPI keeps as one nested route)
+    is learned from the first response of each path (the endpoint the router chose,
+    ``scope["endpoint"]``): that response is not stored (its read came before any
+    snapshot of the tags), the path's next ``GET`` is read through the cache. Up to
+    65,536 paths are learned. Scopes other than ``http`` and methods other than GET,
+    HEAD and the unsafe ones pass through untouched.
     """
 
     def __init__(
@@ -739,6 +767,8 @@ class ResponseCacheMiddleware:
                     )
             compiled.append((regex, templates))
         self._rules: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = tuple(compiled)
+        # Path -> the marked route routing it and its path parameters, learned from responses.
+        self._learned: dict[str, tuple[_RouteSpec, dict[str, Any]]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -750,6 +780,8 @@ class ResponseCacheMiddleware:
         if method == "GET" or method == "HEAD":
             target = self._target(scope, scope["path"])
             if target is None:
+                if method == "GET" and self.responses._routes and len(self._learned) < _MAX_LEARNED:
+                    send = _Learner(self, scope, send).send
                 await self.app(scope, receive, send)
             elif method == "HEAD":
                 await self._head(scope, receive, send, target)
@@ -822,7 +854,13 @@ class ResponseCacheMiddleware:
             "query_string": scope.get("query_string", b""),
             "path_params": {},
         }
-        return self._walk(routes, probe)
+        return self._walk(routes, probe) or self._learned.get(path)
+
+    def learn(self, path: str, endpoint: object, params: Mapping[str, Any]) -> None:
+        """Remember that ``endpoint`` routed ``path`` (with ``params``), if it is marked."""
+        spec = self.responses.route_spec(endpoint)
+        if spec is not None and len(self._learned) < _MAX_LEARNED:
+            self._learned[path] = (spec, dict(params))
 
     def _walk(self, routes: Iterable[Any], scope: Scope) -> tuple[_RouteSpec, dict[str, Any]] | None:
         for route in routes:
