@@ -30,7 +30,7 @@ async def test_from_url_memory_with_sizes() -> None:
         ("localhost:6379", "unknown cache URL scheme"),
         ("memory://?max_entries=lots", "must be an integer"),
         ("memory://?size=1", "unknown memory:// parameter"),
-        ("redis://127.0.0.1/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs need a TLS connection: use a rediss:// URL"),
+        ("redis://127.0.0.1/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs need a TLS connection: use a rediss://"),
     ],
 )
 def test_from_url_rejects_bad_urls(url: str, message: str) -> None:

@@ -134,6 +134,21 @@ async def test_configure_later_wraps_the_backend(redis_url: str) -> None:
         await cache.aclose()
 
 
+async def test_configure_decides_the_l1_from_settings(redis_url: str) -> None:
+    cache = Cache(namespace=unique_namespace("settings"))
+    cache.configure(redis_url, local=LocalCache(max_entries=100))
+    try:
+        assert isinstance(cache.backend, LocalLayer)
+    finally:
+        await cache.aclose()
+    # Over memory:// (development) the L1 is turned off rather than refused.
+    cache.configure("memory://", local=None)
+    assert isinstance(cache.backend, MemoryBackend)
+    await cache.aclose()
+    with pytest.raises(ConfigurationError, match=r"local must be a tagcache\.LocalCache or None"):
+        cache.configure(redis_url, local=100)  # type: ignore[arg-type]  # the mistake under test
+
+
 # ---------------------------------------------------------------- hits
 
 

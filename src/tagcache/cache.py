@@ -42,6 +42,7 @@ from tagcache.exceptions import (
     UnsupportedOperationError,
 )
 from tagcache.readthrough import DISABLED, LoadPolicy, LoadRequest, ReadThrough
+from tagcache.sentinel import MISSING, Missing
 from tagcache.stats import CacheStats, Counters, FunctionStats, note_write
 from tagcache.tags import MAX_KEY_LENGTH, check_key, check_tags, ttl_seconds
 
@@ -473,9 +474,20 @@ class Cache:
         """
         return cls(backend_from_url(url), **options)
 
-    def configure(self, backend: str | Backend, *, owns_backend: bool = True) -> None:
+    def configure(
+        self,
+        backend: str | Backend,
+        *,
+        owns_backend: bool = True,
+        local: LocalCache | Missing | None = MISSING,
+    ) -> None:
         """Set the backend of a cache created without one: a cache URL (as for
         :meth:`from_url`) or a :class:`~tagcache.backends.Backend`.
+
+        ``local`` replaces the cache's :class:`~tagcache.LocalCache` setting (``None``:
+        no L1), so settings read at start-up can decide it too (an L1 in production,
+        none over ``memory://`` in development); omitted, the setting given to the
+        constructor applies.
 
         Decorators are applied at import, before settings are read; configure
         the cache at start-up, typically in the app's lifespan::
@@ -499,6 +511,10 @@ class Cache:
                 f"({type(self._backend).__name__}); close it first (await cache.aclose()) to configure "
                 "another, or use cache.using(backend) for a block"
             )
+        if local is not MISSING:
+            if local is not None and not isinstance(local, LocalCache):
+                raise ConfigurationError(f"local must be a tagcache.LocalCache or None, got {local!r:.80}")
+            self._local = local
         target = backend_from_url(backend) if isinstance(backend, str) else check_backend(backend)
         if self._local is not None:
             target, owns_backend = with_local(target, self._local, owns_backend), True
