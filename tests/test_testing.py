@@ -75,6 +75,21 @@ async def test_caching_disabled_reaches_tasks_started_inside() -> None:
     assert await outside == 1
 
 
+async def test_caching_disabled_makes_refresh_store_nothing() -> None:
+    c = memory_cache()
+    calls: list[int] = []
+
+    @c.cached(ttl=60)
+    async def f(x: int) -> int:
+        calls.append(x)
+        return len(calls)
+
+    with caching_disabled():
+        assert await f.refresh(1) == 1
+    assert await c.peek(f.key_for(1)) is None
+    assert await f(1) == 2
+
+
 async def test_fixture_cache_is_strict(cache: Cache) -> None:
     with pytest.raises(SerializationError, match="Unencodable"):
         await cache.get_or_set("k", unencodable)

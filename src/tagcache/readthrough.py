@@ -800,6 +800,8 @@ class ReadThrough:
         (the value is returned, counted in ``not_stored``).
         """
         key = request.key
+        if DISABLED.get():  # caching_disabled(): nothing is stored
+            return (await self._call(request),)
         lookup = await self._backend.lease(self._ns, key, request.tags, self._lease_ttl)
         if lookup.lease is None:
             return None
