@@ -12,6 +12,7 @@ from fastapi import Request
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from .models import Base
 from .settings import Settings
@@ -36,6 +37,10 @@ class Database:
             "pool_size": settings.db_pool_size,
             "max_overflow": settings.db_max_overflow,
         }
+        if self.dialect == "sqlite":
+            # A pool of connections to the file, as newer SQLAlchemy releases choose by
+            # themselves (2.0.24 and older pick NullPool for aiosqlite, which takes no size).
+            options["poolclass"] = AsyncAdaptedQueuePool
         if self.schema is not None:
             # The models name no schema; this puts every table in ours.
             options["execution_options"] = {"schema_translate_map": {None: self.schema}}
